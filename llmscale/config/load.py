@@ -1,0 +1,71 @@
+"""Compose the Hydra config from `conf/` and the command line into a typed `LLMScaleConfig`.
+
+The compose API is used instead of `@hydra.main` so every rank of a distributed launch reads
+the same config without each one creating (and racing on) a Hydra output folder, and so
+composition errors reach the user as one clear line instead of a traceback.
+"""
+
+from pathlib import Path
+from typing import List, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmscale.config.schema import LLMScaleConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the field, the value and the fix."""
+
+
+ConfigStore.instance().store(name="llmscale_schema", node=LLMScaleConfig)
+
+
+def strip_launcher_args(argv: Sequence[str]) -> List[str]:
+    """Drop `--local_rank=N` / `--local_rank N`, which the DeepSpeed launcher appends and
+    Hydra's override grammar rejects; the rank is read from the LOCAL_RANK variable instead."""
+    kept: List[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            kept.append(arg)
+    return kept
+
+
+def load_config(overrides: Sequence[str]) -> LLMScaleConfig:
+    for override in overrides:
+        if override.startswith("-"):
+            raise ConfigError(
+                f"unknown option {override!r}: llmscale takes Hydra overrides such as "
+                "`+exp=tiny train.max_steps=50`, not dashed flags"
+            )
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_one_message(error)) from None
+
+
+def to_yaml(cfg: LLMScaleConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _one_message(error: BaseException) -> str:
+    """Hydra wraps OmegaConf's error, which carries the full key path: keep both, minus
+    OmegaConf's unfilled message templates."""
+    lines = str(error).strip().splitlines()
+    cause = error.__cause__
+    if cause is not None and str(cause).strip() not in "\n".join(lines):
+        lines += str(cause).strip().splitlines()
+    return "\n".join(line for line in lines if "$VALUE" not in line)

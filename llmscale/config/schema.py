@@ -1,0 +1,141 @@
+"""Typed schema of every llmscale setting.
+
+Hydra composes the YAML groups in `conf/` on top of these dataclasses, so an unknown key or a
+value of the wrong type is rejected by OmegaConf with the key's full path before anything runs.
+Cross-field rules (divisibility, batch arithmetic) live in `llmscale.config.validate`.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+
+class TokenizerKind(str, Enum):
+    byte = "byte"
+    sentencepiece = "sentencepiece"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LRDecay(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    # None means multi-head attention (as many KV heads as query heads).
+    num_kv_heads: Optional[int] = None
+    intermediate_size: int = 176
+    # None: the tokenizer's vocabulary rounded up to `vocab_multiple` (Megatron's padding).
+    vocab_size: Optional[int] = None
+    vocab_multiple: int = 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.byte
+    # A SentencePiece `.model` file; required when kind=sentencepiece.
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Text files, directories or glob patterns; relative paths resolve against the repo root.
+    paths: List[str] = field(default_factory=lambda: ["data/shakespeare"])
+    seq_len: int = 128
+    # The held-out tail of the token stream used for validation.
+    val_fraction: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    # None: data-parallel size is the world size divided by tp * pp.
+    dp: Optional[int] = None
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Raw DeepSpeed config keys merged last over the generated config (the escape hatch).
+    deepspeed_extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    decay: LRDecay = LRDecay.cosine
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    # None: derived as global_batch_size / (micro_batch_size * dp).
+    grad_accum_steps: Optional[int] = None
+    precision: Precision = Precision.fp32
+    seed: int = 42
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 10
+    # "auto" resumes from the newest checkpoint in the run folder, "none" starts fresh,
+    # anything else is the path of a checkpoint folder to resume from.
+    resume: str = "auto"
+    run_dir: str = "runs/${name}"
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "llmscale"
+    # "offline" keeps W&B on local disk; "online" needs network and an API key.
+    wandb_mode: str = "offline"
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every `interval` steps (0 disables periodic saves) and at the end of training.
+    interval: int = 100
+    # None: `<run_dir>/checkpoints`.
+    dir: Optional[str] = None
+    save_final: bool = True
+
+
+@dataclass
+class LLMScaleConfig:
+    name: str = "default"
+    # Validate and report the plan, parameter count and FLOPs, then exit without building.
+    dry_run: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

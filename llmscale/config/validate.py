@@ -1,0 +1,157 @@
+"""Cross-field rules checked before any process group starts.
+
+Every rule that fails is reported at once, each naming the fields, their values and a fix, so a
+bad plan costs one edit instead of one cluster allocation per mistake.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from llmscale.config.load import ConfigError
+from llmscale.config.schema import LLMScaleConfig
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    world_size: int
+    dp: int
+    tp: int
+    pp: int
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}, "
+            f"ZeRO-{self.zero_stage}, global batch {self.global_batch_size} = micro "
+            f"{self.micro_batch_size} x accumulation {self.grad_accum_steps} x dp {self.dp}"
+        )
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
+    """Check `cfg` for a job of `world_size` ranks and return the resolved plan."""
+    errors: List[str] = []
+    model, par, train, data, optim = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
+
+    def positive(name: str, value: Optional[float]) -> None:
+        if value is not None and value <= 0:
+            errors.append(f"{name}={value} must be positive")
+
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                 "vocab_size", "max_seq_len", "vocab_multiple"):
+        positive(f"model.{name}", getattr(model, name))
+    for name in ("tp", "pp", "dp"):
+        positive(f"parallel.{name}", getattr(par, name))
+    for name in ("max_steps", "micro_batch_size", "global_batch_size", "grad_accum_steps"):
+        positive(f"train.{name}", getattr(train, name))
+    positive("data.seq_len", data.seq_len)
+    positive("optim.lr", optim.lr)
+    if errors:
+        raise ConfigError(_report(errors))
+
+    kv_heads = model.num_kv_heads or model.num_heads
+    if model.hidden_size % model.num_heads:
+        errors.append(
+            f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads="
+            f"{model.num_heads}: pick num_heads from {_divisors(model.hidden_size)}"
+        )
+    if model.num_heads % kv_heads:
+        errors.append(
+            f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={kv_heads}: "
+            f"pick num_kv_heads from {_divisors(model.num_heads)}"
+        )
+    for name, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", kv_heads),
+                        ("model.intermediate_size", model.intermediate_size)):
+        if value % par.tp:
+            errors.append(
+                f"parallel.tp={par.tp} does not divide {name}={value}: each tensor-parallel rank "
+                f"needs a whole share; use parallel.tp in {_divisors(value)[:8]} or change {name}"
+            )
+    if model.num_layers % par.pp:
+        errors.append(
+            f"parallel.pp={par.pp} does not divide model.num_layers={model.num_layers}: use "
+            f"parallel.pp in {_divisors(model.num_layers)} or change model.num_layers"
+        )
+    if data.seq_len > model.max_seq_len:
+        errors.append(
+            f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}: "
+            f"lower data.seq_len or raise model.max_seq_len"
+        )
+    if not 0.0 < data.val_fraction < 1.0:
+        errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
+    if optim.min_lr > optim.lr:
+        errors.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr")
+    if optim.warmup_steps < 0 or optim.clip_grad < 0:
+        errors.append(
+            f"optim.warmup_steps={optim.warmup_steps} and optim.clip_grad={optim.clip_grad} "
+            "must not be negative (clip_grad=0 turns clipping off)"
+        )
+
+    model_parallel = par.tp * par.pp
+    dp = par.dp
+    if world_size % model_parallel:
+        errors.append(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+            f"{par.tp} x {par.pp} = {model_parallel}: launch a multiple of {model_parallel} ranks "
+            "or lower parallel.tp / parallel.pp"
+        )
+    elif dp is None:
+        dp = world_size // model_parallel
+    elif dp * model_parallel != world_size:
+        errors.append(
+            f"parallel.dp={dp} x parallel.tp={par.tp} x parallel.pp={par.pp} = "
+            f"{dp * model_parallel} but the job has {world_size} ranks: set parallel.dp="
+            f"{world_size // model_parallel} or leave it null to derive it"
+        )
+
+    if par.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    elif par.zero_stage >= 2 and par.pp > 1:
+        errors.append(
+            f"parallel.zero_stage={par.zero_stage} cannot shard gradients across pipeline stages "
+            f"(parallel.pp={par.pp}): use parallel.zero_stage=1 with pipeline parallelism"
+        )
+    if par.offload_optimizer and par.zero_stage == 0:
+        errors.append("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+    if par.offload_params and par.zero_stage != 3:
+        errors.append("parallel.offload_params=true needs parallel.zero_stage=3")
+
+    accum = train.grad_accum_steps
+    if dp is not None:
+        per_step = train.micro_batch_size * dp
+        if accum is None:
+            if train.global_batch_size % per_step:
+                errors.append(
+                    f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size x dp = {train.micro_batch_size} x {dp} = {per_step}: "
+                    f"use a multiple of {per_step}"
+                )
+            accum = train.global_batch_size // per_step
+        elif per_step * accum != train.global_batch_size:
+            errors.append(
+                f"train.global_batch_size={train.global_batch_size} != train.micro_batch_size x "
+                f"train.grad_accum_steps x dp = {train.micro_batch_size} x {accum} x {dp}: set "
+                "train.grad_accum_steps=null to derive it, or make the product match"
+            )
+    if errors:
+        raise ConfigError(_report(errors))
+    return ParallelPlan(
+        world_size=world_size,
+        dp=dp,
+        tp=par.tp,
+        pp=par.pp,
+        zero_stage=par.zero_stage,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=accum,
+        global_batch_size=train.global_batch_size,
+    )
+
+
+def _report(errors: List[str]) -> str:
+    return "invalid configuration:\n" + "\n".join(f"  - {error}" for error in errors)

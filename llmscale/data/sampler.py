@@ -1,0 +1,87 @@
+"""Which samples each data-parallel rank trains on, as a pure function of the global sample count.
+
+Training position is one number, the global samples consumed so far. Every rank derives its
+micro-batches from it, so a resumed run (even with a different data-parallel size) continues the
+exact order of an uninterrupted one, with no sampler state to checkpoint.
+"""
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class SampleDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]: ...
+
+
+class GlobalSampleOrder:
+    """Maps global sample index g (counting across epochs) to a dataset index.
+
+    Epoch e = g // num_samples visits every sample once, in a permutation seeded by `seed + e`;
+    with shuffle=False the order is the identity (used for validation).
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError(f"GlobalSampleOrder needs at least one sample, got num_samples={num_samples}.")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        # Consecutive lookups stay in one epoch, so its permutation is kept rather than redrawn.
+        self._epoch = -1
+        self._permutation: list[int] = []
+
+    def dataset_index(self, global_index: int) -> int:
+        if global_index < 0:
+            raise ValueError(f"global sample index must be >= 0, got {global_index}.")
+        epoch, position = divmod(global_index, self.num_samples)
+        if not self.shuffle:
+            return position
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutation = torch.randperm(self.num_samples, generator=generator).tolist()
+            self._epoch = epoch
+        return self._permutation[position]
+
+
+def rank_micro_batches(
+    dataset: SampleDataset,
+    order: GlobalSampleOrder,
+    consumed_samples: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    dp_rank: int,
+    dp_size: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """The `grad_accum_steps` micro-batches `(input_ids[B, T], labels[B, T])` of rank `dp_rank`
+    for the optimizer step whose global batch starts at sample `consumed_samples`.
+
+    Accumulation step a of rank r holds global samples
+    `consumed_samples + a * micro_batch_size * dp_size + r * micro_batch_size + j`, j < B,
+    so the global batch is the same set of samples whatever dp_size and grad_accum_steps are.
+    """
+    if len(dataset) != order.num_samples:
+        raise ValueError(
+            f"sample order covers {order.num_samples} samples but the dataset has {len(dataset)}; "
+            f"build the GlobalSampleOrder from this dataset."
+        )
+    if min(micro_batch_size, grad_accum_steps, dp_size) < 1:
+        raise ValueError(
+            f"micro_batch_size, grad_accum_steps and dp_size must be >= 1, got "
+            f"{micro_batch_size}, {grad_accum_steps} and {dp_size}."
+        )
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}.")
+    if consumed_samples < 0:
+        raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}.")
+
+    micro_batches: list[tuple[Tensor, Tensor]] = []
+    for step in range(grad_accum_steps):
+        first = consumed_samples + step * micro_batch_size * dp_size + dp_rank * micro_batch_size
+        samples = [dataset[order.dataset_index(first + j)] for j in range(micro_batch_size)]
+        input_ids, labels = zip(*samples)
+        micro_batches.append((torch.stack(input_ids), torch.stack(labels)))
+    return micro_batches

@@ -1,0 +1,193 @@
+"""Llama-family decoder in plain PyTorch.
+
+Parameter names follow Hugging Face `LlamaForCausalLM` exactly and RoPE uses its
+"rotate_half" convention, so a state_dict loads into either model without renaming or
+permuting. Parallelism is applied from outside (`llmscale.parallel`), never in here.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmscale.config.schema import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale after casting back, as HF does, so bf16 results match.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_seq_len, shaped [max_seq_len, head_dim]."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        # Non-persistent: derived from the config, so they stay out of checkpoints.
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        )
+        positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        # rotate_half pairs dimension i with i + head_dim/2, hence the two halves repeat.
+        angles = torch.cat((freqs, freqs), dim=-1)
+        with torch.no_grad():
+            self.cos.copy_(angles.cos())
+            self.sin.copy_(angles.sin())
+
+    def forward(self, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.max_seq_len}")
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # enable_gqa only when needed: with it set, some fused kernels are ruled out.
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The body without the output head; `Llama.model`, named as in HF."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        # One table shared by all layers rather than a copy per layer.
+        self.rotary_emb = RotaryEmbedding(
+            cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary_emb(input_ids.shape[1])
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved from the tokenizer before building")
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(
+                f"hidden_size {cfg.hidden_size} not divisible by num_heads {cfg.num_heads}"
+            )
+        if cfg.num_heads % (cfg.num_kv_heads or cfg.num_heads):
+            raise ValueError(
+                f"num_heads {cfg.num_heads} not divisible by num_kv_heads {cfg.num_kv_heads}"
+            )
+        self.cfg = cfg
+        self.model = Decoder(cfg, cfg.vocab_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise parameters and RoPE tables; also the step after meta-device `to_empty()`."""
+        if self.cfg.tie_embeddings:
+            # Tied here rather than in __init__ because `to_empty()` gives each module its own
+            # tensor again.
+            self.lm_head.weight = self.model.embed_tokens.weight
+        std = self.cfg.init_std
+        # Residual-branch outputs shrink with depth so the residual stream's variance stays
+        # roughly constant at init (GPT-2 / Megatron).
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual_out = name.endswith(("o_proj", "down_proj"))
+                module_std = residual_std if is_residual_out else std
+                nn.init.normal_(module.weight, mean=0.0, std=module_std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.model.rotary_emb.reset_buffers()
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V]; or, given labels (already shifted: labels[b, t] is the target at
+        position t, -100 ignored), the mean token cross-entropy computed in fp32."""
+        logits = self.lm_head(self.model(input_ids))
+        if labels is None:
+            return logits
+        flat_logits = logits.float().reshape(-1, logits.shape[-1])
+        return F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -1,0 +1,41 @@
+"""Generate DeepSpeed's JSON config from the llmscale config: one source of truth."""
+
+from typing import Any, Dict
+
+from llmscale.config.schema import LLMScaleConfig, Precision
+from llmscale.config.validate import ParallelPlan
+
+# Large enough that DeepSpeed's own periodic console lines never interleave with ours.
+_NEVER = 1 << 30
+
+
+def build_deepspeed_config(cfg: LLMScaleConfig, plan: ParallelPlan) -> Dict[str, Any]:
+    zero: Dict[str, Any] = {"stage": plan.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if cfg.parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config: Dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == Precision.bf16},
+        # llmscale passes a torch AdamW: naming Adam here would make DeepSpeed compile FusedAdam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, cfg.parallel.deepspeed_extra)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,37 @@
+"""From the data and tokenizer settings to the train and validation datasets."""
+
+from pathlib import Path
+from typing import Tuple
+
+from llmscale.config.load import ConfigError
+from llmscale.config.schema import LLMScaleConfig, ModelConfig
+from llmscale.data import (
+    PackedDataset,
+    Tokenizer,
+    build_tokenizer,
+    load_token_stream,
+    resolve_paths,
+    split_train_val,
+)
+
+
+def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> int:
+    """The embedding rows: the tokenizer's vocabulary padded to `vocab_multiple`, unless the
+    model fixes its own (which must hold every token id)."""
+    if model.vocab_size is None:
+        return -(-tokenizer_vocab_size // model.vocab_multiple) * model.vocab_multiple
+    if model.vocab_size < tokenizer_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer_vocab_size} tokens: raise it or set model.vocab_size=null to derive it"
+        )
+    return model.vocab_size
+
+
+def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[PackedDataset, PackedDataset, Tokenizer]:
+    tokenizer = build_tokenizer(cfg.tokenizer, root)
+    tokens = load_token_stream(resolve_paths(cfg.data.paths, root), tokenizer)
+    train_tokens, val_tokens = split_train_val(tokens, cfg.data.val_fraction)
+    train_set = PackedDataset(train_tokens, cfg.data.seq_len, name="the training split")
+    val_set = PackedDataset(val_tokens, cfg.data.seq_len, name="the validation split")
+    return train_set, val_set, tokenizer

@@ -1,0 +1,163 @@
+"""The pretraining run, top to bottom: set up, then the loop of batch, step, measure, evaluate,
+checkpoint."""
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from llmscale.checkpoint.checkpointer import Checkpointer, resolve_resume
+from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
+from llmscale.config.schema import LLMScaleConfig
+from llmscale.config.validate import validate
+from llmscale.data import GlobalSampleOrder, PackedDataset, rank_micro_batches
+from llmscale.eval.validation import evaluate
+from llmscale.models import Llama, flops_per_token
+from llmscale.parallel.distributed import all_reduce_mean, init_distributed
+from llmscale.parallel.engine import build_engine, require_trainable
+from llmscale.train.data_setup import build_datasets, resolve_vocab_size
+from llmscale.train.sinks import build_sinks
+from llmscale.train.state import TrainState
+from llmscale.train.throughput import ThroughputMeter, peak_tflops
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    state: TrainState
+    first_val_ppl: float
+    last_val_ppl: float
+    last_checkpoint: Path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(cfg: LLMScaleConfig) -> RunSummary:
+    ctx = init_distributed()
+    plan = validate(cfg, ctx.world_size)
+    require_trainable(plan)
+    run_dir = Path(cfg.train.run_dir)
+    checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    resume_from = resolve_resume(cfg.train.resume, checkpoint_dir)
+    dp_rank, dp_size = ctx.rank, plan.dp
+
+    seed_everything(cfg.train.seed)
+    train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
+    val_batches = _validation_batches(val_set, cfg, dp_rank, dp_size)
+
+    engine = build_engine(Llama(cfg.model), cfg, plan)
+    config_yaml = to_yaml(cfg)
+    checkpointer = Checkpointer(checkpoint_dir, ctx.rank, plan, config_yaml)
+    state = checkpointer.load(engine, resume_from) if resume_from else TrainState()
+
+    tokens_per_step = plan.global_batch_size * cfg.data.seq_len
+    meter = ThroughputMeter(
+        flops_per_token(cfg.model, cfg.data.seq_len), ctx.world_size, peak_tflops(ctx.device)
+    )
+    sinks = []
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        sinks = build_sinks(
+            cfg.logging, run_dir, cfg.name, OmegaConf.to_container(OmegaConf.structured(cfg)),
+            cfg.train.max_steps, state.step, cfg.train.log_interval,
+        )
+        print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
+              + (f"; resuming from {resume_from}" if resume_from else ""))
+
+    def log(metrics: Dict[str, float]) -> None:
+        for sink in sinks:
+            sink.log(state.step, metrics)
+
+    first_val = evaluate(engine, val_batches, ctx.device) if state.step == 0 else None
+    if first_val:
+        log(first_val)
+    last_val = first_val
+    last_checkpoint = resume_from
+
+    while state.step < cfg.train.max_steps:
+        batches = rank_micro_batches(
+            train_set, train_order, state.consumed_samples, plan.micro_batch_size,
+            plan.grad_accum_steps, dp_rank, dp_size,
+        )
+        lr = engine.get_lr()[0]
+        start = time.perf_counter()
+        losses = []
+        for inputs, labels in batches:
+            loss = engine(inputs.to(ctx.device), labels.to(ctx.device))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        loss = all_reduce_mean(torch.stack(losses).mean()).item()
+        seconds = time.perf_counter() - start
+
+        state.step += 1
+        state.consumed_samples += plan.global_batch_size
+        state.consumed_tokens += tokens_per_step
+        log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+             "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds)})
+
+        finished = state.step == cfg.train.max_steps
+        if state.step % cfg.train.eval_interval == 0 or finished:
+            last_val = evaluate(engine, val_batches, ctx.device)
+            log(last_val)
+        if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
+            finished and cfg.checkpoint.save_final
+        ):
+            last_checkpoint = checkpointer.save(engine, state)
+
+    for sink in sinks:
+        sink.close()
+    summary = RunSummary(
+        run_dir=run_dir,
+        state=state,
+        first_val_ppl=first_val["val_ppl"] if first_val else float("nan"),
+        last_val_ppl=last_val["val_ppl"] if last_val else float("nan"),
+        last_checkpoint=last_checkpoint,
+    )
+    if ctx.is_main:
+        _print_summary(summary, cfg)
+    dist.barrier()
+    return summary
+
+
+def _validation_batches(val_set: PackedDataset, cfg: LLMScaleConfig, dp_rank: int, dp_size: int):
+    """The same held-out samples at every evaluation, as many batches as the split holds."""
+    per_batch = cfg.train.micro_batch_size * dp_size
+    num_batches = min(cfg.train.eval_batches, len(val_set) // per_batch)
+    if num_batches == 0:
+        raise ConfigError(
+            f"the validation split holds {len(val_set)} samples, fewer than one batch of "
+            f"train.micro_batch_size x dp = {per_batch}: raise data.val_fraction or lower "
+            "train.micro_batch_size"
+        )
+    order = GlobalSampleOrder(len(val_set), seed=0, shuffle=False)
+    return rank_micro_batches(val_set, order, 0, cfg.train.micro_batch_size, num_batches,
+                              dp_rank, dp_size)
+
+
+def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
+    run_dir = summary.run_dir.resolve()
+    lines = [
+        f"llmscale: trained {summary.state.step} steps, "
+        f"{summary.state.consumed_tokens:,} tokens",
+        f"  validation perplexity: {summary.first_val_ppl:.2f} at step 0 -> "
+        f"{summary.last_val_ppl:.2f} at step {summary.state.step}",
+        f"  run folder:  {run_dir}",
+        f"  metrics:     {run_dir / 'metrics.jsonl'}" if cfg.logging.jsonl else None,
+        f"  tensorboard: {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else None,
+        f"  checkpoint:  {summary.last_checkpoint.resolve()}" if summary.last_checkpoint else None,
+    ]
+    print("\n".join(line for line in lines if line))

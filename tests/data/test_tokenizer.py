@@ -1,0 +1,129 @@
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmscale.config.schema import TokenizerConfig, TokenizerKind
+from llmscale.data import ByteTokenizer, SentencePieceTokenizer, build_tokenizer, train_sentencepiece
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HAMLET = REPO_ROOT / "data" / "shakespeare" / "hamlet.txt"
+# Whitespace runs, newlines, tabs and characters absent from the training play must survive.
+ROUND_TRIP_TEXTS = [
+    "To be, or not to be: that is the question.",
+    "Line one\n\n  indented\tline two  \n",
+    "床前明月光，疑是地上霜。",
+    "naïve café 🎉",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def hamlet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    prefix = tmp_path_factory.mktemp("tokenizer") / "hamlet"
+    return train_sentencepiece([HAMLET], prefix, vocab_size=400)
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_byte_tokenizer_round_trips(text: str) -> None:
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+
+
+def test_byte_tokenizer_decode_skips_eod_and_replaces_broken_bytes() -> None:
+    tokenizer = ByteTokenizer()
+    assert (tokenizer.vocab_size, tokenizer.eod_id) == (257, 256)
+    assert tokenizer.decode([104, 105, tokenizer.eod_id]) == "hi"
+    truncated = tokenizer.encode("你")[:2]
+    assert tokenizer.decode(truncated + [33]) == "\ufffd!"
+
+
+def test_sentencepiece_trains_and_round_trips(hamlet_model: Path) -> None:
+    assert hamlet_model == hamlet_model.parent / "hamlet.model"
+    config = TokenizerConfig(kind=TokenizerKind.sentencepiece, path=hamlet_model.name)
+    tokenizer = build_tokenizer(config, root=hamlet_model.parent)
+    assert isinstance(tokenizer, SentencePieceTokenizer)
+    assert tokenizer.vocab_size == 400
+    for text in ROUND_TRIP_TEXTS:
+        ids = tokenizer.encode(text)
+        assert all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.decode(ids) == text
+    # Even ~70 learned merges make frequent English clearly shorter than its bytes.
+    english = ROUND_TRIP_TEXTS[0]
+    assert len(tokenizer.encode(english)) < 0.75 * len(english)
+
+
+def test_sentencepiece_eod_is_the_models_eos(hamlet_model: Path) -> None:
+    tokenizer = SentencePieceTokenizer(hamlet_model)
+    assert tokenizer.eod_id == tokenizer._processor.eos_id() == 2
+    assert tokenizer.eod_id not in tokenizer.encode("Hamlet </s> Ophelia")
+    assert tokenizer.decode(tokenizer.encode("Hamlet") + [tokenizer.eod_id]) == "Hamlet"
+
+
+def test_sentencepiece_training_is_deterministic(tmp_path: Path, hamlet_model: Path) -> None:
+    again = SentencePieceTokenizer(train_sentencepiece([HAMLET], tmp_path / "again", vocab_size=400))
+    first = SentencePieceTokenizer(hamlet_model)
+    pieces = [first._processor.id_to_piece(i) for i in range(first.vocab_size)]
+    assert pieces == [again._processor.id_to_piece(i) for i in range(again.vocab_size)]
+
+
+def test_sentencepiece_too_small_vocab_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vocab"):
+        train_sentencepiece([HAMLET], tmp_path / "tiny", vocab_size=100)
+
+
+def test_sentencepiece_empty_corpus_is_explained(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="contain no text"):
+        train_sentencepiece([empty], tmp_path / "model", vocab_size=400)
+
+
+def test_missing_model_names_path_and_training_tool(tmp_path: Path) -> None:
+    config = TokenizerConfig(kind=TokenizerKind.sentencepiece, path="tokenizers/absent.model")
+    with pytest.raises(FileNotFoundError) as error:
+        build_tokenizer(config, root=tmp_path)
+    assert str(tmp_path / "tokenizers" / "absent.model") in str(error.value)
+    assert "tools/train_tokenizer.py" in str(error.value)
+
+
+def test_invalid_model_file_names_path(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "notes.model"
+    not_a_model.write_text("plain text")
+    with pytest.raises(ValueError, match="not a valid SentencePiece model") as error:
+        SentencePieceTokenizer(not_a_model)
+    assert str(not_a_model) in str(error.value)
+
+
+def test_sentencepiece_without_path_asks_for_it() -> None:
+    config = TokenizerConfig(kind=TokenizerKind.sentencepiece, path=None)
+    with pytest.raises(ValueError, match="tokenizer.path"):
+        build_tokenizer(config, root=REPO_ROOT)
+
+
+def test_byte_kind_builds_byte_tokenizer() -> None:
+    assert isinstance(build_tokenizer(TokenizerConfig(), root=REPO_ROOT), ByteTokenizer)
+
+
+def test_cli_trains_from_repo_root(tmp_path: Path) -> None:
+    output = tmp_path / "cli" / "tempest"
+    result = subprocess.run(
+        [sys.executable, "tools/train_tokenizer.py", "--input", "data/shakespeare/t*.txt",
+         "--vocab-size", "400", "--output", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli" / "tempest.model").is_file()
+    assert f"{output}.model" in result.stdout
+
+
+def test_cli_reports_missing_input_as_a_message(tmp_path: Path) -> None:
+    cli = runpy.run_path(str(REPO_ROOT / "tools" / "train_tokenizer.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli["main"](["--input", "no/such/dir", "--vocab-size", "400", "--output", str(tmp_path / "x")])
+    assert "--input entry 'no/such/dir' matches no file" in str(exit_info.value.code)
