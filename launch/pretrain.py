@@ -4,12 +4,16 @@ Also runs under `torchrun --nproc_per_node N` and plain `python` (one process)."
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmscale.config import ConfigError, load_config, strip_launcher_args  # noqa: E402
 from llmscale.train.dry_run import describe_dry_run  # noqa: E402
+
+# DeepSpeed's ZeRO calls the old names of torch's collectives; the notice repeats every step.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 # Errors a user fixes by changing their command, config or files: shown as one message.
 USER_ERRORS = (ConfigError, FileNotFoundError, NotImplementedError, ValueError)

@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="map unseen characters to <unk> instead of their UTF-8 bytes",
     )
-    parser.add_argument("--output", type=Path, required=True, help="output prefix, e.g. tokenizers/shakespeare")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="output prefix, e.g. tokenizers/shakespeare"
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    print(f"Trained a {args.vocab_size}-piece {args.model_type} tokenizer on {len(inputs)} file(s).")
+    print(f"Trained a {args.vocab_size}-piece {args.model_type} tokenizer on {len(inputs)} files.")
     print(f"Model: {model_path}")
     print(f"Use it with: tokenizer.kind=sentencepiece tokenizer.path={model_path}")
 

@@ -91,6 +91,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
+    # End this launch after this step, with a checkpoint, leaving the schedule (set by
+    # max_steps) untouched: for jobs cut into time-limited allocations. None runs to max_steps.
+    exit_at_step: Optional[int] = None
     micro_batch_size: int = 8
     global_batch_size: int = 16
     # None: derived as global_batch_size / (micro_batch_size * dp).
@@ -98,6 +101,7 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     seed: int = 42
     eval_interval: int = 50
+    # Global batches of held-out samples per evaluation (the same samples for any dp size).
     eval_batches: int = 8
     log_interval: int = 10
     # "auto" resumes from the newest checkpoint in the run folder, "none" starts fresh,

@@ -48,10 +48,13 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         positive(f"model.{name}", getattr(model, name))
     for name in ("tp", "pp", "dp"):
         positive(f"parallel.{name}", getattr(par, name))
-    for name in ("max_steps", "micro_batch_size", "global_batch_size", "grad_accum_steps"):
+    for name in ("max_steps", "exit_at_step", "micro_batch_size", "global_batch_size",
+                 "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
         positive(f"train.{name}", getattr(train, name))
     positive("data.seq_len", data.seq_len)
     positive("optim.lr", optim.lr)
+    if cfg.checkpoint.interval < 0:
+        errors.append(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: no periodic saves)")
     if errors:
         raise ConfigError(_report(errors))
 

@@ -1,4 +1,4 @@
-"""Tokenizers, the packed token dataset and the global sample order that feeds data-parallel ranks."""
+"""Tokenizers, packed token datasets, and the global sample order that feeds data-parallel ranks."""
 
 from llmscale.data.corpus import PackedDataset, load_token_stream, resolve_paths, split_train_val
 from llmscale.data.sampler import GlobalSampleOrder, SampleDataset, rank_micro_batches

@@ -21,13 +21,14 @@ def resolve_paths(patterns: list[str], root: Path, source: str = "data.paths") -
     """
     files: set[Path] = set()
     for pattern in patterns:
-        path = Path(pattern).expanduser()
-        path = path if path.is_absolute() else root / path
+        expanded = Path(pattern).expanduser()
+        path = expanded if expanded.is_absolute() else root / expanded
         if any(character in pattern for character in GLOB_CHARACTERS):
             # Globbing relative to root_dir keeps brackets or stars in `root` itself literal.
-            matches = [root / match for match in glob.glob(str(Path(pattern).expanduser()), root_dir=root, recursive=True)]
+            found_names = glob.glob(str(expanded), root_dir=root, recursive=True)
+            matches = [root / name for name in found_names]
         else:
-            matches = [path] if path.exists() else []
+            matches = [path]
         found = [file for match in matches for file in _files_under(match)]
         if not found:
             raise FileNotFoundError(
@@ -56,7 +57,7 @@ def load_token_stream(paths: Sequence[Path], tokenizer: Tokenizer) -> Tensor:
 
 
 def split_train_val(tokens: Tensor, val_fraction: float) -> tuple[Tensor, Tensor]:
-    """(train, validation): validation is the last `val_fraction` of the stream, so they never overlap."""
+    """(train, validation), validation being the last `val_fraction` of the stream (no overlap)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
     num_val = int(tokens.numel() * val_fraction)
@@ -73,7 +74,9 @@ class PackedDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def __init__(self, tokens: Tensor, seq_len: int, name: str = "token stream") -> None:
         if tokens.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}.")
+            raise ValueError(
+                f"{name} must be a 1-D tensor of token ids, got shape {tuple(tokens.shape)}."
+            )
         if seq_len < 1:
             raise ValueError(f"data.seq_len must be at least 1, got {seq_len}.")
         if tokens.numel() < seq_len + 1:
@@ -90,7 +93,7 @@ class PackedDataset(Dataset[tuple[Tensor, Tensor]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} is out of range for a dataset of {len(self)} samples.")
+            raise IndexError(f"sample {index} is out of range for {len(self)} samples.")
         start = index * self.seq_len
         window = self.tokens[start : start + self.seq_len + 1]
         return window[:-1], window[1:]

@@ -26,7 +26,7 @@ class GlobalSampleOrder:
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
         if num_samples < 1:
-            raise ValueError(f"GlobalSampleOrder needs at least one sample, got num_samples={num_samples}.")
+            raise ValueError(f"GlobalSampleOrder needs num_samples >= 1, got {num_samples}.")
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle

@@ -54,8 +54,8 @@ class SentencePieceTokenizer:
         eos_id = self._processor.eos_id()
         if eos_id < 0:
             raise ValueError(
-                f"SentencePiece model {path} defines no end-of-sentence piece, which llmscale uses to "
-                f"separate documents; {TRAIN_HINT} (it always defines one)."
+                f"SentencePiece model {path} defines no end-of-sentence piece, which llmscale "
+                f"uses to separate documents; {TRAIN_HINT} (it always defines one)."
             )
         self.path = path
         self.vocab_size: int = self._processor.get_piece_size()
@@ -74,7 +74,9 @@ def build_tokenizer(cfg: TokenizerConfig, root: Path) -> Tokenizer:
     if kind is TokenizerKind.byte:
         return ByteTokenizer()
     if cfg.path is None:
-        raise ValueError(f"tokenizer.kind=sentencepiece needs tokenizer.path set to a .model file; {TRAIN_HINT}.")
+        raise ValueError(
+            f"tokenizer.kind=sentencepiece needs tokenizer.path set to a .model file; {TRAIN_HINT}."
+        )
     path = Path(cfg.path).expanduser()
     return SentencePieceTokenizer(path if path.is_absolute() else root / path)
 
@@ -93,7 +95,8 @@ def train_sentencepiece(
     encoded text exactly (no Unicode normalisation, whitespace kept).
     """
     if model_type not in SENTENCEPIECE_MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(SENTENCEPIECE_MODEL_TYPES)}, got {model_type!r}.")
+        choices = ", ".join(SENTENCEPIECE_MODEL_TYPES)
+        raise ValueError(f"model_type must be one of {choices}, got {model_type!r}.")
     if not 0.0 < character_coverage <= 1.0:
         raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}.")
     if not inputs:
@@ -122,16 +125,17 @@ def train_sentencepiece(
             # Pretraining text must round-trip exactly, so no NFKC and no collapsing of spaces.
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
-            # Training sees lines without their newline, so "\n" gets its own piece to stay encodable.
+            # Training lines come without "\n", so it gets its own piece to stay encodable.
             user_defined_symbols=["\n"],
             minloglevel=2,
         )
     except RuntimeError as error:
         if lines.non_empty_lines == 0:
-            raise ValueError(f"tokenizer training inputs {[str(p) for p in inputs]} contain no text.") from None
-        raise ValueError(
-            f"SentencePiece training failed: {error}. Adjust --vocab-size or --character-coverage."
-        ) from None
+            names = [str(path) for path in inputs]
+            raise ValueError(f"tokenizer training inputs {names} contain no text.") from None
+        # Drop the C++ source location and check expression; SentencePiece's own words name the fix.
+        reason = str(error).rsplit("] ", 1)[-1].rstrip(".")
+        raise ValueError(f"SentencePiece training failed: {reason}.") from None
     return output_prefix.with_name(output_prefix.name + ".model")
 
 

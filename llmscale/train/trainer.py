@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from llmscale.checkpoint.checkpointer import Checkpointer, resolve_resume
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.schema import LLMScaleConfig
-from llmscale.config.validate import validate
+from llmscale.config.validate import ParallelPlan, validate
 from llmscale.data import GlobalSampleOrder, PackedDataset, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
-from llmscale.parallel.distributed import all_reduce_mean, init_distributed
+from llmscale.parallel.distributed import all_reduce_mean, init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine, require_trainable
 from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.sinks import build_sinks
@@ -43,20 +43,20 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(cfg: LLMScaleConfig) -> RunSummary:
-    ctx = init_distributed()
-    plan = validate(cfg, ctx.world_size)
+    # Everything that can fail on a user's input is checked before any process group starts.
+    plan = validate(cfg, read_world_size())
     require_trainable(plan)
     run_dir = Path(cfg.train.run_dir)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir)
-    dp_rank, dp_size = ctx.rank, plan.dp
-
-    seed_everything(cfg.train.seed)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
-    train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
-    val_batches = _validation_batches(val_set, cfg, dp_rank, dp_size)
 
+    ctx = init_distributed()
+    dp_rank, dp_size = ctx.rank, plan.dp
+    train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
+    val_batches = _validation_batches(val_set, plan, cfg.train.eval_batches, dp_rank)
+    seed_everything(cfg.train.seed)
     engine = build_engine(Llama(cfg.model), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(checkpoint_dir, ctx.rank, plan, config_yaml)
@@ -87,7 +87,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     last_val = first_val
     last_checkpoint = resume_from
 
-    while state.step < cfg.train.max_steps:
+    last_step = min(cfg.train.max_steps, cfg.train.exit_at_step or cfg.train.max_steps)
+    while state.step < last_step:
         batches = rank_micro_batches(
             train_set, train_order, state.consumed_samples, plan.micro_batch_size,
             plan.grad_accum_steps, dp_rank, dp_size,
@@ -109,7 +110,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
              "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds)})
 
-        finished = state.step == cfg.train.max_steps
+        finished = state.step == last_step
         if state.step % cfg.train.eval_interval == 0 or finished:
             last_val = evaluate(engine, val_batches, ctx.device)
             log(last_val)
@@ -133,19 +134,20 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     return summary
 
 
-def _validation_batches(val_set: PackedDataset, cfg: LLMScaleConfig, dp_rank: int, dp_size: int):
-    """The same held-out samples at every evaluation, as many batches as the split holds."""
-    per_batch = cfg.train.micro_batch_size * dp_size
-    num_batches = min(cfg.train.eval_batches, len(val_set) // per_batch)
+def _validation_batches(val_set: PackedDataset, plan: ParallelPlan, eval_batches: int,
+                        dp_rank: int):
+    """The same held-out samples at every evaluation and for every data-parallel size:
+    `eval_batches` global batches, or as many as the split holds."""
+    num_batches = min(eval_batches, len(val_set) // plan.global_batch_size)
     if num_batches == 0:
         raise ConfigError(
-            f"the validation split holds {len(val_set)} samples, fewer than one batch of "
-            f"train.micro_batch_size x dp = {per_batch}: raise data.val_fraction or lower "
-            "train.micro_batch_size"
+            f"the validation split holds {len(val_set)} samples, fewer than one global batch of "
+            f"train.global_batch_size={plan.global_batch_size}: raise data.val_fraction or lower "
+            "train.global_batch_size"
         )
     order = GlobalSampleOrder(len(val_set), seed=0, shuffle=False)
-    return rank_micro_batches(val_set, order, 0, cfg.train.micro_batch_size, num_batches,
-                              dp_rank, dp_size)
+    return rank_micro_batches(val_set, order, 0, plan.micro_batch_size,
+                              num_batches * plan.grad_accum_steps, dp_rank, plan.dp)
 
 
 def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:

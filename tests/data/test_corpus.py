@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscale.data import ByteTokenizer, PackedDataset, load_token_stream, resolve_paths, split_train_val
+from llmscale.data import (
+    ByteTokenizer,
+    PackedDataset,
+    load_token_stream,
+    resolve_paths,
+    split_train_val,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO_ROOT / "data" / "shakespeare"
@@ -34,7 +40,8 @@ def test_glob_and_single_file_patterns(tmp_path: Path) -> None:
         SHAKESPEARE / "hamlet.txt",
         SHAKESPEARE / "lear.txt",
     ]
-    assert resolve_paths(["data/shakespeare/othello.txt"], REPO_ROOT) == [SHAKESPEARE / "othello.txt"]
+    othello = SHAKESPEARE / "othello.txt"
+    assert resolve_paths(["data/shakespeare/othello.txt"], REPO_ROOT) == [othello]
     nested = write(tmp_path / "x" / "y" / "z.txt", "z")
     assert resolve_paths(["**/*.txt"], tmp_path) == [nested]
 

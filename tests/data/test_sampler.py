@@ -35,7 +35,7 @@ def test_order_depends_only_on_seed_and_index() -> None:
     forward = [order.dataset_index(g) for g in range(3 * NUM_SAMPLES)]
     # Jumping back and forth across epochs must not disturb the cached permutation.
     backward = [order.dataset_index(g) for g in reversed(range(3 * NUM_SAMPLES))][::-1]
-    fresh = [GlobalSampleOrder(NUM_SAMPLES, seed=7).dataset_index(g) for g in range(3 * NUM_SAMPLES)]
+    fresh = [GlobalSampleOrder(NUM_SAMPLES, 7).dataset_index(g) for g in range(3 * NUM_SAMPLES)]
     assert forward == backward == fresh
     assert epoch_order(GlobalSampleOrder(NUM_SAMPLES, seed=8), 0) != forward[:NUM_SAMPLES]
 
@@ -70,7 +70,8 @@ def global_batch(
 def test_global_batch_does_not_depend_on_dp_size(consumed: int) -> None:
     order = GlobalSampleOrder(NUM_SAMPLES, seed=3)
     expected = sorted(order.dataset_index(consumed + k) for k in range(8))
-    for micro_batch_size, grad_accum_steps, dp_size in [(2, 4, 1), (2, 2, 2), (2, 1, 4), (8, 1, 1), (1, 2, 4)]:
+    layouts = [(2, 4, 1), (2, 2, 2), (2, 1, 4), (8, 1, 1), (1, 2, 4)]
+    for micro_batch_size, grad_accum_steps, dp_size in layouts:
         per_rank = global_batch(consumed, micro_batch_size, grad_accum_steps, dp_size)
         assert sorted(i for rank in per_rank for i in rank) == expected
 

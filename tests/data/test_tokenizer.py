@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from llmscale.config.schema import TokenizerConfig, TokenizerKind
-from llmscale.data import ByteTokenizer, SentencePieceTokenizer, build_tokenizer, train_sentencepiece
+from llmscale.data import (
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+    train_sentencepiece,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAMLET = REPO_ROOT / "data" / "shakespeare" / "hamlet.txt"
@@ -66,10 +71,19 @@ def test_sentencepiece_eod_is_the_models_eos(hamlet_model: Path) -> None:
 
 
 def test_sentencepiece_training_is_deterministic(tmp_path: Path, hamlet_model: Path) -> None:
-    again = SentencePieceTokenizer(train_sentencepiece([HAMLET], tmp_path / "again", vocab_size=400))
+    again_path = train_sentencepiece([HAMLET], tmp_path / "again", vocab_size=400)
+    again = SentencePieceTokenizer(again_path)
     first = SentencePieceTokenizer(hamlet_model)
     pieces = [first._processor.id_to_piece(i) for i in range(first.vocab_size)]
     assert pieces == [again._processor.id_to_piece(i) for i in range(again.vocab_size)]
+
+
+def test_newlines_round_trip_without_byte_fallback(tmp_path: Path) -> None:
+    # Training reads lines without their "\n", so nothing but its own piece keeps it encodable.
+    model = train_sentencepiece([HAMLET], tmp_path / "no_bytes", vocab_size=200, byte_fallback=False)
+    tokenizer = SentencePieceTokenizer(model)
+    text = "Enter HAMLET.\n\nHAMLET. To be, or not to be\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_sentencepiece_too_small_vocab_is_explained(tmp_path: Path) -> None:
@@ -125,5 +139,5 @@ def test_cli_trains_from_repo_root(tmp_path: Path) -> None:
 def test_cli_reports_missing_input_as_a_message(tmp_path: Path) -> None:
     cli = runpy.run_path(str(REPO_ROOT / "tools" / "train_tokenizer.py"))
     with pytest.raises(SystemExit) as exit_info:
-        cli["main"](["--input", "no/such/dir", "--vocab-size", "400", "--output", str(tmp_path / "x")])
+        cli["main"](["--input", "no/such/dir", "--vocab-size", "400", "--output", str(tmp_path)])
     assert "--input entry 'no/such/dir' matches no file" in str(exit_info.value.code)
