@@ -5,8 +5,11 @@ the same config without each one creating (and racing on) a Hydra output folder,
 composition errors reach the user as one clear line instead of a traceback.
 """
 
+import dataclasses
+import difflib
+import re
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -52,6 +55,9 @@ def load_config(overrides: Sequence[str]) -> LLMScaleConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             composed = compose(config_name="config", overrides=list(overrides))
+        unknown = _unknown_keys(OmegaConf.to_container(composed), LLMScaleConfig)
+        if unknown:
+            raise ConfigError("\n".join(unknown))
         return OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(_one_message(error)) from None
@@ -61,11 +67,39 @@ def to_yaml(cfg: LLMScaleConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _unknown_keys(values: Dict[str, Any], schema: type, prefix: str = "") -> List[str]:
+    """Keys that a `+key=value` override added outside the schema: `to_object` would drop them
+    without a word, so a typo such as `+train.max_step=5` would be ignored."""
+    fields = {field.name: field.type for field in dataclasses.fields(schema)}
+    problems: List[str] = []
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            problems.append(
+                f"unknown key {prefix}{key}: {schema.__name__} has no such setting; {hint}"
+                "`+` only adds keys under parallel.deepspeed_extra"
+            )
+        elif dataclasses.is_dataclass(fields[key]) and isinstance(value, dict):
+            problems += _unknown_keys(value, fields[key], f"{prefix}{key}.")
+    return problems
+
+
+# OmegaConf's wording for a key that a schema dataclass lacks (a free-form dict says "is not in
+# struct"); Hydra then suggests `+key=value`, which cannot add a setting to the schema.
+_NOT_IN_SCHEMA = re.compile(r"^Key '.*' not in '\w+'$")
+
+
 def _one_message(error: BaseException) -> str:
     """Hydra wraps OmegaConf's error, which carries the full key path: keep both, minus
-    OmegaConf's unfilled message templates."""
+    OmegaConf's unfilled message templates and Hydra's `+` hint where it cannot work."""
     lines = str(error).strip().splitlines()
     cause = error.__cause__
     if cause is not None and str(cause).strip() not in "\n".join(lines):
         lines += str(cause).strip().splitlines()
-    return "\n".join(line for line in lines if "$VALUE" not in line)
+    not_in_schema = any(_NOT_IN_SCHEMA.match(line) for line in lines)
+    return "\n".join(
+        line for line in lines
+        if "$VALUE" not in line
+        and not (not_in_schema and line.startswith("To append to your config use"))
+    )

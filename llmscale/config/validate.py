@@ -69,9 +69,11 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={kv_heads}: "
             f"pick num_kv_heads from {_divisors(model.num_heads)}"
         )
-    for name, value in (("model.num_heads", model.num_heads), ("model.num_kv_heads", kv_heads),
+    # Unset num_kv_heads equals num_heads, whose rule already speaks for it.
+    for name, value in (("model.num_heads", model.num_heads),
+                        ("model.num_kv_heads", model.num_kv_heads),
                         ("model.intermediate_size", model.intermediate_size)):
-        if value % par.tp:
+        if value is not None and value % par.tp:
             errors.append(
                 f"parallel.tp={par.tp} does not divide {name}={value}: each tensor-parallel rank "
                 f"needs a whole share; use parallel.tp in {_divisors(value)[:8]} or change {name}"
@@ -90,10 +92,13 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
     if optim.min_lr > optim.lr:
         errors.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr")
-    if optim.warmup_steps < 0 or optim.clip_grad < 0:
+    if optim.warmup_steps < 0:
         errors.append(
-            f"optim.warmup_steps={optim.warmup_steps} and optim.clip_grad={optim.clip_grad} "
-            "must not be negative (clip_grad=0 turns clipping off)"
+            f"optim.warmup_steps={optim.warmup_steps} must not be negative (0: no warmup)"
+        )
+    if optim.clip_grad < 0:
+        errors.append(
+            f"optim.clip_grad={optim.clip_grad} must not be negative (0 turns clipping off)"
         )
 
     model_parallel = par.tp * par.pp
@@ -133,14 +138,17 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
                 errors.append(
                     f"train.global_batch_size={train.global_batch_size} is not divisible by "
                     f"train.micro_batch_size x dp = {train.micro_batch_size} x {dp} = {per_step}: "
-                    f"use a multiple of {per_step}"
+                    f"set train.global_batch_size to a multiple of {per_step}"
                 )
             accum = train.global_batch_size // per_step
         elif per_step * accum != train.global_batch_size:
+            fits = train.global_batch_size % per_step == 0
+            derived = f" ({train.global_batch_size // per_step})" if fits else ""
             errors.append(
                 f"train.global_batch_size={train.global_batch_size} != train.micro_batch_size x "
-                f"train.grad_accum_steps x dp = {train.micro_batch_size} x {accum} x {dp}: set "
-                "train.grad_accum_steps=null to derive it, or make the product match"
+                f"train.grad_accum_steps x dp = {train.micro_batch_size} x {accum} x {dp} = "
+                f"{per_step * accum}: set train.grad_accum_steps=null to derive it{derived}, or "
+                "make the product match"
             )
     if errors:
         raise ConfigError(_report(errors))

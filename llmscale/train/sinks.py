@@ -3,6 +3,7 @@
 Sinks live on rank 0 only; the loop hands every one the same dict and never asks which."""
 
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol
 
@@ -67,7 +68,8 @@ class ConsoleSink:
         self.log_interval = log_interval
         self.bar: Optional[tqdm] = (
             tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-            if progress_bar else None
+            # Redirected to a file, a bar's carriage returns would garble the log.
+            if progress_bar and sys.stderr.isatty() else None
         )
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:

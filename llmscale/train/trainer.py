@@ -1,6 +1,7 @@
 """The pretraining run, top to bottom: set up, then the loop of batch, step, measure, evaluate,
 checkpoint."""
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -155,11 +156,17 @@ def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
     lines = [
         f"llmscale: trained {summary.state.step} steps, "
         f"{summary.state.consumed_tokens:,} tokens",
-        f"  validation perplexity: {summary.first_val_ppl:.2f} at step 0 -> "
-        f"{summary.last_val_ppl:.2f} at step {summary.state.step}",
+        _describe_validation(summary),
         f"  run folder:  {run_dir}",
         f"  metrics:     {run_dir / 'metrics.jsonl'}" if cfg.logging.jsonl else None,
         f"  tensorboard: {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else None,
         f"  checkpoint:  {summary.last_checkpoint.resolve()}" if summary.last_checkpoint else None,
     ]
     print("\n".join(line for line in lines if line))
+
+
+def _describe_validation(summary: RunSummary) -> str:
+    last = f"{summary.last_val_ppl:.2f} at step {summary.state.step}"
+    if math.isnan(summary.first_val_ppl):  # a resumed run did not see step 0
+        return f"  validation perplexity: {last}"
+    return f"  validation perplexity: {summary.first_val_ppl:.2f} at step 0 -> {last}"
