@@ -77,6 +77,9 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
+        if state.step >= cfg.train.max_steps:
+            print(f"llmscale: {resume_from} is already at train.max_steps={cfg.train.max_steps}; "
+                  "raise train.max_steps to train on, or set a new train.run_dir to start afresh")
 
     def log(metrics: Dict[str, float]) -> None:
         for sink in sinks:
