@@ -1,29 +1,39 @@
 """Save and resume a run: the DeepSpeed engine state plus llmscale's own.
 
-One folder per saved step, `<dir>/step_00000100/`. DeepSpeed writes the model, optimizer and
-scheduler shards; each rank adds its RNG states; rank 0 writes `llmscale_state.json` last, once
-every rank is done, so a folder without it is an interrupted save and is never resumed from.
+One folder per saved step, `<dir>/step_00000100/`. Every rank writes into
+`step_00000100.partial/` (DeepSpeed's model, optimizer and scheduler shards, and the rank's
+RNG states); once all are done, rank 0 adds the llmscale state, the config and a manifest of
+every file's size and checksum, renames the folder to its final name and only then moves the
+`latest` pointer. A killed save therefore leaves a `.partial` folder that is never resumed from,
+and a checkpoint damaged later fails its manifest check and is skipped.
 """
 
 import json
 import logging
 import os
 import re
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from llmscale.checkpoint.manifest import manifest_problem, write_manifest
+from llmscale.checkpoint.reshard import (
+    UNIVERSAL_DIR, check_reshardable, convert_to_universal, needs_universal,
+)
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.config.load import ConfigError
+from llmscale.config.schema import CheckpointConfig
 from llmscale.config.validate import ParallelPlan
 from llmscale.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "llmscale_state.json"
+LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -35,27 +45,32 @@ def is_checkpoint(path: Path) -> bool:
     return (path / STATE_FILE).is_file()
 
 
-def find_latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint; interrupted saves are skipped with a warning."""
+def _step_dirs(checkpoint_dir: Path) -> List[Path]:
+    """Published step folders, oldest first."""
     if not checkpoint_dir.is_dir():
-        return None
-    candidates = sorted(
-        (int(match.group(1)), path)
-        for path in checkpoint_dir.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and path.is_dir()
-    )
-    for _, path in reversed(candidates):
-        if is_checkpoint(path):
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_checkpoint(checkpoint_dir: Path, checksums: bool = True) -> Optional[Path]:
+    """The newest complete, intact checkpoint; others are skipped with a warning that says why."""
+    for partial in sorted(checkpoint_dir.glob("step_*.partial")):
+        log.warning("ignoring %s: a save that was interrupted", partial)
+    for path in reversed(_step_dirs(checkpoint_dir)):
+        problem = manifest_problem(path, checksums)
+        if problem is None:
             return path
-        log.warning("skipping %s: it has no %s (the save was interrupted)", path, STATE_FILE)
+        log.warning("skipping checkpoint %s: %s", path, problem)
     return None
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
+def resolve_resume(resume: str, checkpoint_dir: Path, checksums: bool = True) -> Optional[Path]:
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest_checkpoint(checkpoint_dir)
+        return find_latest_checkpoint(checkpoint_dir, checksums)
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(
@@ -63,61 +78,127 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Optional[Path]:
             f"{checkpoint_dir / step_dir_name(100)}, or use train.resume=auto / none"
         )
     if not is_checkpoint(path):
-        latest = find_latest_checkpoint(path)
+        latest = find_latest_checkpoint(path, checksums)
         hint = f" (it holds checkpoints: the newest is {latest})" if latest else ""
         raise ConfigError(
             f"train.resume={resume} is not an llmscale checkpoint: it has no {STATE_FILE}{hint}. "
             "Point it at a step_N folder, or use train.resume=auto / none"
         )
+    problem = manifest_problem(path, checksums)
+    if problem:
+        raise ConfigError(
+            f"train.resume={resume} cannot be trusted: {problem}. Pick an older checkpoint, or "
+            "train.resume=auto to take the newest intact one"
+        )
     return path
 
 
+@dataclass(frozen=True)
+class ResumeSource:
+    """Where DeepSpeed loads the engine state from: the step folder itself, or its universal
+    conversion when the data-parallel layout changed."""
+
+    step_dir: Path
+    universal: bool
+
+    @property
+    def load_dir_and_tag(self):
+        if self.universal:
+            return str(self.step_dir), UNIVERSAL_DIR
+        return str(self.step_dir.parent), self.step_dir.name
+
+
+def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSource:
+    """Called on every rank after the process group starts and before the engine is built
+    (a universal load is a DeepSpeed config switch)."""
+    saved_plan = json.loads((step_dir / STATE_FILE).read_text())["plan"]
+    if not needs_universal(saved_plan, plan):
+        return ResumeSource(step_dir, universal=False)
+    check_reshardable(step_dir, saved_plan, plan)
+    if rank == 0:
+        print(f"llmscale: {step_dir} was saved with dp={saved_plan['dp']} at ZeRO-"
+              f"{saved_plan['zero_stage']}; converting it to a universal checkpoint for dp="
+              f"{plan.dp} at ZeRO-{plan.zero_stage}")
+        convert_to_universal(step_dir)
+    dist.barrier()
+    return ResumeSource(step_dir, universal=True)
+
+
 class Checkpointer:
-    def __init__(self, checkpoint_dir: Path, rank: int, plan: ParallelPlan, config_yaml: str):
+    def __init__(self, cfg: CheckpointConfig, checkpoint_dir: Path, rank: int,
+                 plan: ParallelPlan, config_yaml: str):
+        self.cfg = cfg
         self.checkpoint_dir = checkpoint_dir
         self.rank = rank
         self.plan = plan
         self.config_yaml = config_yaml
 
     def save(self, engine, state: TrainState) -> Path:
-        tag = step_dir_name(state.step)
-        path = self.checkpoint_dir / tag
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
-        torch.save(capture_rng_state(), path / f"rng_rank{self.rank:05d}.pt")
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        final = self.checkpoint_dir / step_dir_name(state.step)
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        # The universal-checkpoint marker lets `ds_to_universal` convert this save later.
+        engine.save_checkpoint(
+            str(self.checkpoint_dir), tag=partial.name, save_latest=False,
+            client_state={UNIVERSAL_CHECKPOINT_INFO: {
+                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+        )
+        torch.save(capture_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
-            (path / "config.yaml").write_text(self.config_yaml)
+            (partial / "config.yaml").write_text(self.config_yaml)
             record = {"train_state": asdict(state), "plan": asdict(self.plan),
                       "versions": _versions()}
-            _write_json_atomically(path / STATE_FILE, record)
+            (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
+            write_manifest(partial)
+            if final.exists():  # the same step saved again after a relaunch
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_atomically(self.checkpoint_dir / LATEST_FILE, final.name)
+            self._prune(final)
         dist.barrier()
-        return path
+        return final
 
-    def load(self, engine, path: Path) -> TrainState:
-        record = json.loads((path / STATE_FILE).read_text())
-        saved_plan = record["plan"]
-        if (saved_plan["world_size"], saved_plan["zero_stage"]) != (
-            self.plan.world_size, self.plan.zero_stage
-        ):
-            raise ConfigError(
-                f"checkpoint {path} was saved by {saved_plan['world_size']} ranks at ZeRO-"
-                f"{saved_plan['zero_stage']}; this run has {self.plan.world_size} ranks at ZeRO-"
-                f"{self.plan.zero_stage}. Relaunch with the saved layout (resharding to another "
-                "layout is not supported yet)"
-            )
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_last` checkpoints plus every step that is a multiple of
+        `keep_every`."""
+        if not self.cfg.keep_last:
+            return
+        saved = _step_dirs(self.checkpoint_dir)
+        for path in saved[:-self.cfg.keep_last]:
+            step = int(_STEP_DIR.match(path.name).group(1))
+            if path == newest or (self.cfg.keep_every and step % self.cfg.keep_every == 0):
+                continue
+            shutil.rmtree(path)
+
+    def load(self, engine, source: ResumeSource) -> TrainState:
+        record = json.loads((source.step_dir / STATE_FILE).read_text())
+        load_dir, tag = source.load_dir_and_tag
         loaded, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True,
-            load_lr_scheduler_states=True,
+            load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
         )
         if loaded is None:
-            raise ConfigError(f"DeepSpeed found no engine state in checkpoint {path}")
-        restore_rng_state(torch.load(path / f"rng_rank{self.rank:05d}.pt", weights_only=True))
+            raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
+        restore_rng_state(torch.load(self._rng_file(source.step_dir, record), weights_only=True))
         return TrainState(**record["train_state"])
 
+    def _rng_file(self, step_dir: Path, record: dict) -> Path:
+        """This rank's RNG states; after a change of world size, those of the saved rank it
+        now stands in for."""
+        saved_rank = self.rank % record["plan"]["world_size"]
+        return step_dir / f"rng_rank{saved_rank:05d}.pt"
 
-def _write_json_atomically(path: Path, record: dict) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=2))
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
     os.replace(partial, path)
 
 

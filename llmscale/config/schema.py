@@ -128,6 +128,13 @@ class CheckpointConfig:
     # None: `<run_dir>/checkpoints`.
     dir: Optional[str] = None
     save_final: bool = True
+    # Retention: the newest `keep_last` checkpoints (None: all) plus every step that is a
+    # multiple of `keep_every` (None: none).
+    keep_last: Optional[int] = 3
+    keep_every: Optional[int] = None
+    # Resume re-reads every file of the checkpoint against its manifest's SHA-256; false checks
+    # sizes only (for checkpoints too large to read twice).
+    verify_checksums: bool = True
 
 
 @dataclass

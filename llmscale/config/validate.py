@@ -53,6 +53,8 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         positive(f"train.{name}", getattr(train, name))
     positive("data.seq_len", data.seq_len)
     positive("optim.lr", optim.lr)
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    positive("checkpoint.keep_every", cfg.checkpoint.keep_every)
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: no periodic saves)")
     if errors:

@@ -1,10 +1,13 @@
-"""Tokenizers: a byte-level fallback that needs no files, and trained SentencePiece models."""
+"""Tokenizers: a byte-level fallback that needs no files, trained SentencePiece models, and
+existing Hugging Face `tokenizer.json` files."""
 
-from collections.abc import Iterator, Sequence
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import sentencepiece
+import tokenizers
 
 from llmscale.config.schema import TokenizerConfig, TokenizerKind
 
@@ -13,6 +16,8 @@ TRAIN_HINT = (
     "--output tokenizers/shakespeare`"
 )
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
+# End-of-text tokens of common tokenizer.json files, tried in order when none is named.
+HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
 
 class Tokenizer(Protocol):
@@ -21,6 +26,8 @@ class Tokenizer(Protocol):
     eod_id: int
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -33,6 +40,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         # A sampled sequence may stop inside a multi-byte character, so bad bytes become U+FFFD.
@@ -64,8 +74,70 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._processor.encode(text)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # One thread: parallelism comes from worker processes, each measured against one core.
+        return self._processor.encode(list(texts), num_threads=1)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode(list(ids))
+
+
+class HuggingFaceTokenizer:
+    """An existing Hugging Face `tokenizer.json`; `eod_token` (or the first of
+    HF_EOD_CANDIDATES it defines) separates documents."""
+
+    def __init__(self, path: Path, eod_token: str | None = None) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"Hugging Face tokenizer file {path} does not exist.")
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # the Rust side raises plain Exception for any bad file
+            raise ValueError(f"{path} is not a valid tokenizer.json ({error}).") from None
+        candidates = (eod_token,) if eod_token else HF_EOD_CANDIDATES
+        found = [self._tokenizer.token_to_id(token) for token in candidates]
+        ids = [token_id for token_id in found if token_id is not None]
+        if not ids:
+            raise ValueError(
+                f"{path} defines none of the end-of-document tokens {list(candidates)}; name the "
+                f"one it uses (e.g. --eod-token '<|endoftext|>')."
+            )
+        self.path = path
+        self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eod_id: int = ids[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        kept = [i for i in ids if i != self.eod_id]
+        return self._tokenizer.decode(kept, skip_special_tokens=False)
+
+
+def open_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
+    """`"byte"`, a SentencePiece `.model` file, or a Hugging Face `tokenizer.json` file."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        return HuggingFaceTokenizer(path, eod_token)
+    return SentencePieceTokenizer(path)
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, object]:
+    """What a token id means: the tokenizer's kind, file digest, size and document separator.
+    Recorded beside prepared datasets so training refuses ids from a different tokenizer."""
+    path = getattr(tokenizer, "path", None)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+    return {
+        "kind": type(tokenizer).__name__,
+        "sha256": digest,
+        "vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod_id,
+    }
 
 
 def build_tokenizer(cfg: TokenizerConfig, root: Path) -> Tokenizer:
@@ -94,22 +166,55 @@ def train_sentencepiece(
     The result is deterministic for given inputs and settings, and decoding gives back the
     encoded text exactly (no Unicode normalisation, whitespace kept).
     """
-    if model_type not in SENTENCEPIECE_MODEL_TYPES:
-        choices = ", ".join(SENTENCEPIECE_MODEL_TYPES)
-        raise ValueError(f"model_type must be one of {choices}, got {model_type!r}.")
-    if not 0.0 < character_coverage <= 1.0:
-        raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}.")
     if not inputs:
         raise ValueError("train_sentencepiece needs at least one input file.")
     for path in inputs:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer training input {path} is not a file.")
+    names = [str(path) for path in inputs]
+    return train_sentencepiece_on_lines(
+        _file_lines(inputs),
+        output_prefix,
+        vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        source=f"tokenizer training inputs {names}",
+    )
+
+
+def train_sentencepiece_on_lines(
+    lines: Iterable[str],
+    output_prefix: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    byte_fallback: bool = True,
+    special_tokens: Sequence[str] = (),
+    max_sentences: int = 0,
+    seed: int = 0,
+    source: str = "tokenizer training text",
+) -> Path:
+    """Train on `lines` (without their newlines); returns `<output_prefix>.model`.
+
+    `special_tokens` become single pieces that encode and decode as themselves.
+    `max_sentences` > 0 trains on that many lines sampled (by `seed`) from a stream too large to
+    hold; 0 trains on every line in order, which makes small corpora independent of any seed.
+    """
+    if model_type not in SENTENCEPIECE_MODEL_TYPES:
+        choices = ", ".join(SENTENCEPIECE_MODEL_TYPES)
+        raise ValueError(f"model_type must be one of {choices}, got {model_type!r}.")
+    if not 0.0 < character_coverage <= 1.0:
+        raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}.")
+    if max_sentences < 0:
+        raise ValueError(f"max_sentences must be >= 0, got {max_sentences}.")
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
 
-    lines = _LineReader(inputs)
+    counted = _NonEmptyLines(lines)
+    sentencepiece.set_random_generator_seed(seed)
     try:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
+            sentence_iterator=iter(counted),
             model_prefix=str(output_prefix),
             vocab_size=vocab_size,
             model_type=model_type,
@@ -119,38 +224,40 @@ def train_sentencepiece(
             bos_id=1,
             eos_id=2,
             pad_id=-1,
-            # Train on every line in file order: sampling would make small corpora depend on a seed.
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=max_sentences > 0,
             # Pretraining text must round-trip exactly, so no NFKC and no collapsing of spaces.
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             # Training lines come without "\n", so it gets its own piece to stay encodable.
-            user_defined_symbols=["\n"],
+            user_defined_symbols=["\n", *special_tokens],
             minloglevel=2,
         )
     except RuntimeError as error:
-        if lines.non_empty_lines == 0:
-            names = [str(path) for path in inputs]
-            raise ValueError(f"tokenizer training inputs {names} contain no text.") from None
+        if counted.count == 0:
+            raise ValueError(f"{source} contain no text.") from None
         # Drop the C++ source location and check expression; SentencePiece's own words name the fix.
         reason = str(error).rsplit("] ", 1)[-1].rstrip(".")
         raise ValueError(f"SentencePiece training failed: {reason}.") from None
     return output_prefix.with_name(output_prefix.name + ".model")
 
 
-class _LineReader:
-    """Streams the input files line by line, counting text so an empty corpus gets a clear error."""
+def _file_lines(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            for line in file:
+                yield line.rstrip("\n")
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        self.non_empty_lines = 0
+
+class _NonEmptyLines:
+    """Passes on the non-empty lines, counting them so an empty corpus gets a clear error."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = lines
+        self.count = 0
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.paths:
-            with path.open(encoding="utf-8", errors="replace") as file:
-                for line in file:
-                    line = line.rstrip("\n")
-                    if line:
-                        self.non_empty_lines += 1
-                        yield line
+        for line in self.lines:
+            if line:
+                self.count += 1
+                yield line

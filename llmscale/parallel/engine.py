@@ -37,13 +37,15 @@ def require_trainable(plan: ParallelPlan) -> None:
         )
 
 
-def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan):
+def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan,
+                 load_universal: bool = False):
+    """`load_universal`: the engine will resume from a universal checkpoint (another layout)."""
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    config = build_deepspeed_config(cfg, plan)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, plan),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
     )
     return engine

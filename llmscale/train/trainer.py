@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from llmscale.checkpoint.checkpointer import Checkpointer, resolve_resume
+from llmscale.checkpoint.checkpointer import Checkpointer, prepare_resume, resolve_resume
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import ParallelPlan, validate
@@ -49,7 +49,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     require_trainable(plan)
     run_dir = Path(cfg.train.run_dir)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    resume_from = resolve_resume(cfg.train.resume, checkpoint_dir)
+    resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
+                                 cfg.checkpoint.verify_checksums)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
 
@@ -57,11 +58,13 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     dp_rank, dp_size = ctx.rank, plan.dp
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
     val_batches = _validation_batches(val_set, plan, cfg.train.eval_batches, dp_rank)
+    resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
-    engine = build_engine(Llama(cfg.model), cfg, plan)
+    engine = build_engine(Llama(cfg.model), cfg, plan,
+                          load_universal=bool(resume_source and resume_source.universal))
     config_yaml = to_yaml(cfg)
-    checkpointer = Checkpointer(checkpoint_dir, ctx.rank, plan, config_yaml)
-    state = checkpointer.load(engine, resume_from) if resume_from else TrainState()
+    checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
+    state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
 
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(

@@ -1,0 +1,49 @@
+"""What the preprocessing stages kept and dropped, per dataset, for the run report."""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from llmscale.data.prepare import PreparedDocument
+
+
+@dataclass
+class DatasetStats:
+    documents_in: int = 0
+    bytes_in: int = 0
+    # Documents dropped, by reason: unreadable input, a quality filter, or deduplication.
+    dropped: dict[str, int] = field(default_factory=dict)
+    documents_kept: int = 0
+    # UTF-8 bytes of the cleaned text kept.
+    bytes_kept: int = 0
+    emails_scrubbed: int = 0
+    phones_scrubbed: int = 0
+    tokens: int = 0
+
+    def record(self, document: PreparedDocument, reason: str | None, kept_bytes: int) -> None:
+        """Count `document`, dropped for `reason` or (None) kept with `kept_bytes` of text."""
+        self.documents_in += document.documents
+        self.bytes_in += document.size_bytes
+        self.emails_scrubbed += document.emails_scrubbed
+        self.phones_scrubbed += document.phones_scrubbed
+        if reason is None:
+            self.documents_kept += 1
+            self.bytes_kept += kept_bytes
+        else:
+            self.dropped[reason] = self.dropped.get(reason, 0) + document.documents
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DatasetStats":
+        return cls(**values)
+
+
+def total(stats: list[DatasetStats]) -> DatasetStats:
+    summed = DatasetStats()
+    for item in stats:
+        for numeric in fields(DatasetStats):
+            if numeric.name != "dropped":
+                setattr(summed, numeric.name, getattr(summed, numeric.name) + getattr(item, numeric.name))
+        for reason, count in item.dropped.items():
+            summed.dropped[reason] = summed.dropped.get(reason, 0) + count
+    return summed
