@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
+from omegaconf import MISSING
+
 
 class TokenizerKind(str, Enum):
     byte = "byte"
@@ -53,13 +55,30 @@ class TokenizerConfig:
 
 
 @dataclass
+class BlendSource:
+    # A dataset prepared by tools/preprocess_data.py (its `<output>/tokens/<name>` folder of
+    # shards) or the path prefix of one .bin/.idx pair from Megatron-LM or GPT-NeoX tooling;
+    # relative paths resolve against the repo root.
+    path: str = MISSING
+    # Relative share of training samples drawn from this dataset.
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     # Text files, directories or glob patterns; relative paths resolve against the repo root.
     paths: List[str] = field(default_factory=lambda: ["data/shakespeare"])
     seq_len: int = 128
-    # The held-out tail of the token stream used for validation.
+    # The held-out tail of the token stream used for validation (for a blend: the share of
+    # each dataset's documents).
     val_fraction: float = 0.05
     seed: int = 1234
+    # Pre-tokenized datasets mixed by weight; when given, they are trained on instead of `paths`.
+    blend: List[BlendSource] = field(default_factory=list)
+    # Blends only: the share of each dataset's documents held out as a test split.
+    test_fraction: float = 0.0
+    # Blends only: where the sample-order index files are cached, shared by ranks and runs.
+    index_cache_dir: str = "runs/data_index"
 
 
 @dataclass

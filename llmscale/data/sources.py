@@ -18,7 +18,7 @@ import pyarrow.parquet
 
 from llmscale.data.corpus import resolve_paths
 
-TEXT_DOCUMENT_UNITS = ("file", "line")
+TEXT_DOCUMENT_UNITS = ("file", "paragraph", "line")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 # Enough of a file's start to tell text from binary: text never holds a NUL byte.
@@ -31,7 +31,8 @@ class ReadConfig:
     # Field holding the text in JSON records, parquet files and saved datasets ("a.b" reaches
     # into nested JSON objects).
     text_field: str = "text"
-    # "file": each plain-text file is one document; "line": each line of it is one.
+    # "file": each plain-text file is one document; "paragraph": each run of lines between
+    # blank lines is one (books, poem collections); "line": each line is one.
     text_document: str = "file"
     # The split read from a folder holding a saved DatasetDict.
     dataset_split: str = "train"
@@ -135,6 +136,9 @@ def _text_or_json(path: Path, config: ReadConfig, max_bytes: int) -> Iterator[Ra
             else:
                 yield RawDocument(origin, "text", data)
             return
+        if not is_json and config.text_document == "paragraph":
+            yield from _paragraphs(stream, origin, max_bytes)
+            return
         kind = "json" if is_json else "text"
         for number, line, size in _bounded_lines(stream, max_bytes):
             line_origin = f"{origin}:{number}"
@@ -144,6 +148,36 @@ def _text_or_json(path: Path, config: ReadConfig, max_bytes: int) -> Iterator[Ra
                 yield Skipped(line_origin, "empty", size_bytes=size)
             else:
                 yield RawDocument(line_origin, kind, line)
+
+
+def _paragraphs(stream: BinaryIO, origin: str, max_bytes: int) -> Iterator[RawDocument | Skipped]:
+    """Runs of non-blank lines (joined by their newlines); one over `max_bytes` is skipped."""
+    lines: list[bytes] = []
+    size = 0
+    first = 0
+    too_long = False
+    for number, line, line_size in _bounded_lines(stream, max_bytes):
+        if line is not None and not line.strip():
+            if lines or too_long:
+                yield _paragraph(f"{origin}:{first}", lines, size, too_long)
+            lines, size, too_long = [], 0, False
+            continue
+        if not lines and not too_long:
+            first = number
+        size += line_size
+        too_long = too_long or line is None or size > max_bytes
+        if too_long:
+            lines = []
+        else:
+            lines.append(line)
+    if lines or too_long:
+        yield _paragraph(f"{origin}:{first}", lines, size, too_long)
+
+
+def _paragraph(origin: str, lines: list[bytes], size: int, too_long: bool) -> RawDocument | Skipped:
+    if too_long:
+        return Skipped(origin, "too_long", size_bytes=size)
+    return RawDocument(origin, "text", b"\n".join(lines))
 
 
 def _bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:

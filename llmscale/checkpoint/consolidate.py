@@ -1,0 +1,149 @@
+"""Full fp32 model weights from a saved step folder, whatever ZeRO stage and rank count saved it.
+
+ZeRO 1-3 keep the fp32 master weights flattened and split across the ranks' optimizer files;
+DeepSpeed's `zero_to_fp32` knows their padding and alignment rules and is used as is. It loads
+every file with `torch.load(weights_only=False)`, which would run any code a tampered file
+carries, so here those loads are forced to the weights-only unpickler, which accepts tensors,
+containers and the few DeepSpeed classes listed in `DEEPSPEED_SAFE_GLOBALS` and nothing else.
+ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt`, which needs no extra classes.
+"""
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmscale.config.schema import ModelConfig
+
+# What DeepSpeed 0.19's optimizer files pickle besides tensors and builtin containers (found
+# with `torch.serialization.get_unsafe_globals_in_checkpoint` on fp32 and bf16 checkpoints of
+# ZeRO 1-3, with and without CPU offload). All three hold plain numbers:
+#   LossScaler, DynamicLossScaler: the loss-scale state (the dynamic one under fp16)
+#   ZeroStageEnum: the ZeRO stage, an IntEnum
+#   fragment_address: (numel, start) of a parameter's slice of a flat partition, a dataclass
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
+    """Every parameter of the saved model, unsharded, fp32, named as in `Llama.state_dict()`
+    (a tied head appears under both of its names, as one tensor)."""
+    step_dir = Path(step_dir)
+    if not step_dir.is_dir():
+        raise FileNotFoundError(f"{step_dir}: no such checkpoint folder")
+    if any(step_dir.glob("*_optim_states.pt")):
+        weights = _from_zero_partitions(step_dir)
+    elif (step_dir / ZERO0_MODEL_FILE).is_file():
+        weights = _from_zero0_model_states(step_dir / ZERO0_MODEL_FILE)
+    else:
+        raise ValueError(
+            f"{step_dir} holds no DeepSpeed model states ({ZERO0_MODEL_FILE} or "
+            "*_optim_states.pt): it is not a checkpoint step folder"
+        )
+    return _standalone_fp32(weights)
+
+
+def model_config_of(step_dir: Path) -> ModelConfig:
+    """The model settings the checkpoint was trained with, from the config.yaml saved beside it."""
+    path = Path(step_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: cannot tell which model {step_dir} holds")
+    saved = OmegaConf.load(path)
+    if "model" not in saved:
+        raise ValueError(f"{path} has no model section")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model))
+    except OmegaConfBaseException as error:
+        raise ValueError(f"{path}: the model section does not fit llmscale's schema: {error}") from None
+
+
+def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:
+    # zero_to_fp32 prints progress lines meant for its own command-line script.
+    with _weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Make every `torch.load` inside use the weights-only unpickler, even where the caller
+    (here DeepSpeed) passes `weights_only=False`; torch reads this variable on each call."""
+    saved = {name: os.environ.get(name)
+             for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    # torch refuses to run with both set; forcing the unsafe path has to give way here.
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _from_zero0_model_states(path: Path) -> Dict[str, torch.Tensor]:
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    weights = dict(saved["module"])
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if masters:
+        _replace_with_fp32_masters(weights, masters, path)
+    return weights
+
+
+def _replace_with_fp32_masters(weights: Dict[str, torch.Tensor],
+                               masters: List[List[torch.Tensor]], path: Path) -> None:
+    """Under bf16, ZeRO 0 saves the bf16 working weights by name and their fp32 master copies
+    by optimizer group, without names. Each master copy is matched to the next unclaimed
+    parameter of its shape that it rounds to: groups keep model order, so a tie (two parameters
+    with the same rounded values, such as untrained norms) picks the right one."""
+    aliases = _aliases_by_storage(weights)
+    unclaimed = list(aliases)
+    for master in (tensor for group in masters for tensor in group):
+        name = next((
+            name for name in unclaimed
+            if weights[name].shape == master.shape
+            and torch.equal(master.to(weights[name].dtype), weights[name])
+        ), None)
+        if name is None:
+            raise ValueError(
+                f"{path}: an fp32 master weight of shape {tuple(master.shape)} matches no saved "
+                "parameter; the file is damaged or from an unsupported DeepSpeed version"
+            )
+        unclaimed.remove(name)
+        for alias in aliases[name]:
+            weights[alias] = master
+    if unclaimed:
+        raise ValueError(f"{path}: no fp32 master weight for {', '.join(unclaimed)}")
+
+
+def _aliases_by_storage(weights: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
+    """First name of each distinct tensor -> all its names (a tied head shares the embedding)."""
+    first_name: Dict[tuple, str] = {}
+    aliases: Dict[str, List[str]] = {}
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        owner = first_name.setdefault(key, name)
+        aliases.setdefault(owner, []).append(name)
+    return aliases
+
+
+def _standalone_fp32(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """fp32 copies that own their memory: DeepSpeed returns views of flat buffers or of the
+    memory-mapped file, which safetensors refuses to save and which pin the whole buffer."""
+    result = {}
+    for owner, names in _aliases_by_storage(weights).items():
+        copy = weights[owner].detach().to(torch.float32, copy=True).contiguous()
+        result.update((name, copy) for name in names)
+    return {name: result[name] for name in weights}
