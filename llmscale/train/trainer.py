@@ -53,11 +53,12 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
                                  cfg.checkpoint.verify_checksums)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
 
     ctx = init_distributed()
     dp_rank, dp_size = ctx.rank, plan.dp
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
-    val_batches = _validation_batches(val_set, plan, cfg.train.eval_batches, dp_rank)
+    val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
     engine = build_engine(Llama(cfg.model), cfg, plan,
@@ -141,10 +142,9 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     return summary
 
 
-def _validation_batches(val_set: PackedDataset, plan: ParallelPlan, eval_batches: int,
-                        dp_rank: int):
-    """The same held-out samples at every evaluation and for every data-parallel size:
-    `eval_batches` global batches, or as many as the split holds."""
+def _count_validation_batches(val_set: PackedDataset, plan: ParallelPlan,
+                              eval_batches: int) -> int:
+    """`eval_batches` global batches, or as many as the split holds."""
     num_batches = min(eval_batches, len(val_set) // plan.global_batch_size)
     if num_batches == 0:
         raise ConfigError(
@@ -152,6 +152,12 @@ def _validation_batches(val_set: PackedDataset, plan: ParallelPlan, eval_batches
             f"train.global_batch_size={plan.global_batch_size}: raise data.val_fraction or lower "
             "train.global_batch_size"
         )
+    return num_batches
+
+
+def _validation_batches(val_set: PackedDataset, plan: ParallelPlan, num_batches: int,
+                        dp_rank: int):
+    """The same held-out samples at every evaluation and for every data-parallel size."""
     order = GlobalSampleOrder(len(val_set), seed=0, shuffle=False)
     return rank_micro_batches(val_set, order, 0, plan.micro_batch_size,
                               num_batches * plan.grad_accum_steps, dp_rank, plan.dp)
