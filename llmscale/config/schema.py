@@ -126,6 +126,10 @@ class TrainConfig:
     # "auto" resumes from the newest checkpoint in the run folder, "none" starts fresh,
     # anything else is the path of a checkpoint folder to resume from.
     resume: str = "auto"
+    # A weights folder (`tools/convert_checkpoint.py from-hf` writes one) to start a fresh run
+    # from: weights only, with a new optimizer and the LR schedule from its warmup. Ignored
+    # once the run has a checkpoint to resume from.
+    init_from: Optional[str] = None
     run_dir: str = "runs/${name}"
 
 

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from llmscale.checkpoint.checkpointer import Checkpointer, prepare_resume, resolve_resume
+from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import ParallelPlan, validate
@@ -51,6 +52,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
                                  cfg.checkpoint.verify_checksums)
+    init_from = _initial_weights_dir(cfg) if not resume_from else None
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
@@ -61,7 +63,10 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
-    engine = build_engine(Llama(cfg.model), cfg, plan,
+    model = Llama(cfg.model)
+    if init_from:
+        load_initial_weights(model, init_from)
+    engine = build_engine(model, cfg, plan,
                           load_universal=bool(resume_source and resume_source.universal))
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
@@ -140,6 +145,18 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         _print_summary(summary, cfg)
     dist.barrier()
     return summary
+
+
+def _initial_weights_dir(cfg: LLMScaleConfig) -> Optional[Path]:
+    if not cfg.train.init_from:
+        return None
+    weights_dir = REPO_ROOT / cfg.train.init_from
+    if not (weights_dir / MODEL_YAML).is_file():
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} is not a weights folder (it has no "
+            f"{MODEL_YAML}): create one with `python tools/convert_checkpoint.py from-hf HF_DIR OUT`"
+        )
+    return weights_dir
 
 
 def _count_validation_batches(val_set: PackedDataset, plan: ParallelPlan,
