@@ -5,11 +5,13 @@ DeepSpeed's `zero_to_fp32` knows their padding and alignment rules and is used a
 every file with `torch.load(weights_only=False)`, which would run any code a tampered file
 carries, so here those loads are forced to the weights-only unpickler, which accepts tensors,
 containers and the few DeepSpeed classes listed in `DEEPSPEED_SAFE_GLOBALS` and nothing else.
-ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt`, which needs no extra classes.
+ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt` (under bf16, with unnamed fp32
+master copies beside them), which loads without any extra class.
 """
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -22,11 +24,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmscale.checkpoint.checkpointer import STATE_FILE
 from llmscale.config.schema import ModelConfig
 
 # What DeepSpeed 0.19's optimizer files pickle besides tensors and builtin containers (found
 # with `torch.serialization.get_unsafe_globals_in_checkpoint` on fp32 and bf16 checkpoints of
-# ZeRO 1-3, with and without CPU offload). All three hold plain numbers:
+# ZeRO 1-3, with and without CPU offload). All hold plain numbers:
 #   LossScaler, DynamicLossScaler: the loss-scale state (the dynamic one under fp16)
 #   ZeroStageEnum: the ZeRO stage, an IntEnum
 #   fragment_address: (numel, start) of a parameter's slice of a flat partition, a dataclass
@@ -41,6 +44,7 @@ def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no such checkpoint folder")
+    _refuse_model_parallel(step_dir)
     if any(step_dir.glob("*_optim_states.pt")):
         weights = _from_zero_partitions(step_dir)
     elif (step_dir / ZERO0_MODEL_FILE).is_file():
@@ -64,7 +68,22 @@ def model_config_of(step_dir: Path) -> ModelConfig:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model))
     except OmegaConfBaseException as error:
-        raise ValueError(f"{path}: the model section does not fit llmscale's schema: {error}") from None
+        raise ValueError(f"{path}: its model section does not fit llmscale's schema: {error}"
+                         ) from None
+
+
+def _refuse_model_parallel(step_dir: Path) -> None:
+    """zero_to_fp32 merges data-parallel shards only; tensor or pipeline shards would come out
+    as pieces of parameters."""
+    state_file = step_dir / STATE_FILE
+    if not state_file.is_file():
+        return
+    plan = json.loads(state_file.read_text()).get("plan", {})
+    if plan.get("tp", 1) > 1 or plan.get("pp", 1) > 1:
+        raise NotImplementedError(
+            f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']}: consolidating tensor- "
+            "or pipeline-parallel checkpoints is not supported yet"
+        )
 
 
 def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:

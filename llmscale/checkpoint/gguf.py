@@ -15,7 +15,8 @@ def hf_folder_from_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = tor
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
-        raise ImportError(f"reading GGUF needs transformers, gguf and accelerate: {error}") from None
+        raise ImportError(f"reading GGUF needs transformers, gguf and accelerate ({error})"
+                          ) from None
     gguf_file = Path(gguf_file).resolve()
     if not gguf_file.is_file():
         raise FileNotFoundError(f"{gguf_file}: no such GGUF file")

