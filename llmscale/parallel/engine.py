@@ -48,4 +48,8 @@ def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
     )
+    if plan.dp == 1 and plan.zero_stage == 0:
+        # Without ZeRO, DeepSpeed flattens, all-reduces and copies back every gradient each
+        # step, even over a group of one rank: measured at 2-3% of a tiny model's step.
+        engine.enable_backward_allreduce = False
     return engine
