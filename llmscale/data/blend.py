@@ -28,10 +28,10 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import Tensor
 
 from llmscale.config.schema import DataConfig
+from llmscale.data.tokenize_stage import DATASET_METADATA
 from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
 
 SPLIT_NAMES = ("train", "validation", "test")
-DATASET_METADATA = "dataset.json"
 
 
 class BlendedSamples:
@@ -96,23 +96,7 @@ def build_blended_datasets(data: DataConfig, tokenizer: Tokenizer, root: Path) -
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     shards = _shards(data, tokenizer, root, split_matrix)
     weights = _shard_weights(data, shards)
-    sizes = []
-    for split_index, (name, bounds) in enumerate(zip(SPLIT_NAMES, split_matrix)):
-        if bounds is None:
-            sizes.append(0)
-            continue
-        samples = [(shard.tokens_per_split[split_index] - 1) // data.seq_len for shard in shards]
-        for shard, count in zip(shards, samples):
-            if count < 1:
-                raise ValueError(
-                    f"{shard.prefix} (data.blend[{shard.entry}]) has "
-                    f"{shard.tokens_per_split[split_index]} tokens in its {name} split, less than "
-                    f"one sample of data.seq_len={data.seq_len}; raise that split's fraction, "
-                    f"lower data.seq_len, or prepare the dataset in fewer, larger shards "
-                    f"(--shard-size-mb)."
-                )
-        # Enough samples that every shard is drawn through at least once at its weight.
-        sizes.append(max(math.ceil(count / weight) for count, weight in zip(samples, weights)))
+    sizes = _blend_sizes(shards, weights, split_matrix, data.seq_len)
     cache = _resolve(data.index_cache_dir, root)
     config = GPTDatasetConfig(
         random_seed=data.seed,
@@ -136,6 +120,30 @@ def build_blended_datasets(data: DataConfig, tokenizer: Tokenizer, root: Path) -
     ]
     assert splits[0] is not None
     return BlendSplits(splits[0], splits[1], splits[2])
+
+
+def _blend_sizes(
+    shards: list[_Shard], weights: list[float], split_matrix: list, seq_len: int
+) -> list[int]:
+    """Samples per split: enough that every shard is drawn through at least once at its
+    weight (0 for a split of fraction 0)."""
+    sizes = []
+    for split_index, (name, bounds) in enumerate(zip(SPLIT_NAMES, split_matrix)):
+        if bounds is None:
+            sizes.append(0)
+            continue
+        samples = [(shard.tokens_per_split[split_index] - 1) // seq_len for shard in shards]
+        for shard, count in zip(shards, samples):
+            if count < 1:
+                raise ValueError(
+                    f"{shard.prefix} (data.blend[{shard.entry}]) has "
+                    f"{shard.tokens_per_split[split_index]} tokens in its {name} split, less than "
+                    f"one sample of data.seq_len={seq_len}; raise that split's fraction, lower "
+                    f"data.seq_len, or prepare the dataset in fewer, larger shards "
+                    f"(--shard-size-mb)."
+                )
+        sizes.append(max(math.ceil(count / weight) for count, weight in zip(samples, weights)))
+    return sizes
 
 
 def shard_prefixes(path: Path) -> list[Path]:
@@ -210,7 +218,7 @@ def _check_tokenizer(path: Path, entry: int, tokenizer: Tokenizer) -> None:
         return
     recorded = json.loads(metadata.read_text())["tokenizer"]
     current = tokenizer_identity(tokenizer)
-    if any(recorded.get(key) != current[key] for key in ("vocab_size", "eod_id", "sha256")):
+    if any(recorded.get(key) != current[key] for key in ("vocab_size", "eod_id", "vocab_sha256")):
         raise ValueError(
             f"data.blend[{entry}] ({path}) was tokenized with {recorded}, but training uses "
             f"{current}; set tokenizer.* to the tokenizer it was prepared with."

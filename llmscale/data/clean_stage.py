@@ -74,8 +74,8 @@ def clean_corpus(
                 reason = document.reason
                 if reason is None:
                     reason = index.check(position, document.digest, document.signature)
-                kept = document.text.encode("utf-8") if reason is None else b""
-                stats[name].record(document, reason, len(kept))
+                kept_bytes = len(document.text.encode("utf-8")) if reason is None else 0
+                stats[name].record(document, reason, kept_bytes)
                 if reason is None and writer.write(document.text):
                     next_part[name] = writer.number
                     index.save(_state(position, next_part, stats, done=False))
@@ -97,7 +97,9 @@ def cleaned_lines(parts: list[Path]) -> Iterator[str]:
                 yield from json.loads(record)["text"].split("\n")
 
 
-def _state(position: int, next_part: dict[str, int], stats: dict[str, DatasetStats], done: bool) -> dict:
+def _state(
+    position: int, next_part: dict[str, int], stats: dict[str, DatasetStats], done: bool
+) -> dict:
     return {
         "position": position,
         "next_part": dict(next_part),

@@ -39,7 +39,8 @@ class CleaningConfig:
     def __post_init__(self) -> None:
         if self.unicode_form not in UNICODE_FORMS:
             raise ValueError(
-                f"unicode_form must be one of {', '.join(UNICODE_FORMS)}, got {self.unicode_form!r}."
+                f"unicode_form must be one of {', '.join(UNICODE_FORMS)}, "
+                f"got {self.unicode_form!r}."
             )
 
 

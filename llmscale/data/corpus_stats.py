@@ -1,6 +1,6 @@
 """What the preprocessing stages kept and dropped, per dataset, for the run report."""
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from llmscale.data.prepare import PreparedDocument
 
@@ -39,11 +39,13 @@ class DatasetStats:
 
 
 def total(stats: list[DatasetStats]) -> DatasetStats:
+    """All datasets' counts added up."""
     summed = DatasetStats()
     for item in stats:
-        for numeric in fields(DatasetStats):
-            if numeric.name != "dropped":
-                setattr(summed, numeric.name, getattr(summed, numeric.name) + getattr(item, numeric.name))
-        for reason, count in item.dropped.items():
-            summed.dropped[reason] = summed.dropped.get(reason, 0) + count
+        for name, value in item.to_dict().items():
+            if name == "dropped":
+                for reason, count in value.items():
+                    summed.dropped[reason] = summed.dropped.get(reason, 0) + count
+            else:
+                setattr(summed, name, getattr(summed, name) + value)
     return summed

@@ -60,9 +60,7 @@ def minhash_signature(units: list[str], config: DedupConfig) -> np.ndarray | Non
     shingles = ngram_hashes(units, config.shingle_size)
     if shingles.size == 0:
         return None
-    minhash = MinHash(
-        permutations=_permutations(config.num_perm), scheme="affine32", hashfunc=int
-    )
+    minhash = MinHash(permutations=_permutations(config.num_perm), scheme="affine32", hashfunc=int)
     # affine32 hashes 32-bit inputs; the low half of a 64-bit n-gram hash is one.
     minhash.update_batch(np.unique(shingles & np.uint64(0xFFFFFFFF)))
     return minhash.hashvalues
@@ -91,7 +89,9 @@ class DedupIndex:
             CREATE TABLE IF NOT EXISTS clusters (
                 representative INTEGER PRIMARY KEY, duplicates INTEGER
             );
-            CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 0), state TEXT);
+            CREATE TABLE IF NOT EXISTS checkpoint (
+                id INTEGER PRIMARY KEY CHECK (id = 0), state TEXT
+            );
             """
         )
         self.bands, self.rows = (0, 0)
@@ -100,7 +100,7 @@ class DedupIndex:
             self.bands, self.rows = lsh.b, lsh.r
 
     def check(self, document: int, digest: bytes, signature: np.ndarray | None) -> str | None:
-        """"exact_duplicate" or "near_duplicate" when an earlier document matches; otherwise
+        """ "exact_duplicate" or "near_duplicate" when an earlier document matches; otherwise
         None, and `document` (a corpus-wide number) joins the index."""
         cursor = self.connection.cursor()
         if self.config.exact:

@@ -49,7 +49,10 @@ def prepare(item: RawDocument | Skipped, config: PrepareConfig) -> PreparedDocum
     if text is None:
         return PreparedDocument(1, size, reason)
     cleaned = clean_text(text, config.cleaning)
-    scrubbed = {"emails_scrubbed": cleaned.emails_scrubbed, "phones_scrubbed": cleaned.phones_scrubbed}
+    scrubbed = {
+        "emails_scrubbed": cleaned.emails_scrubbed,
+        "phones_scrubbed": cleaned.phones_scrubbed,
+    }
     if not cleaned.text:
         return PreparedDocument(1, size, "empty", **scrubbed)
     units = text_units(cleaned.text)

@@ -20,11 +20,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmscale.data.clean_stage import DatasetSources, clean_corpus, cleaned_lines
-from llmscale.data.corpus_stats import total
+from llmscale.data.corpus_stats import DatasetStats, total
 from llmscale.data.dedup import DedupIndex
 from llmscale.data.prepare import PrepareConfig
 from llmscale.data.sources import find_sources
-from llmscale.data.tokenize_stage import TokenizeTask, token_dtype, tokenize_parts
+from llmscale.data.tokenize_stage import (
+    DATASET_METADATA,
+    TokenizedPart,
+    TokenizeTask,
+    token_dtype,
+    tokenize_parts,
+)
 from llmscale.data.tokenizer import (
     SENTENCEPIECE_MODEL_TYPES,
     open_tokenizer,
@@ -33,7 +39,6 @@ from llmscale.data.tokenizer import (
 )
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-DATASET_METADATA = "dataset.json"
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if (self.tokenizer is None) == (self.train_tokenizer is None):
-            raise ValueError("give either an existing tokenizer or settings to train one, not both.")
+            raise ValueError(
+                "give either an existing tokenizer or settings to train one, not both."
+            )
         if not self.datasets:
             raise ValueError("give at least one dataset of inputs.")
         for name in self.datasets:
@@ -116,8 +123,10 @@ def run_preprocess(
     finally:
         index.close()
     clean_seconds = time.perf_counter() - start
-    log(f"cleaned: {sum(s.documents_kept for s in cleaned.stats.values()):,} documents kept "
-        f"({clean_seconds:.1f} s)")
+    log(
+        f"cleaned: {sum(s.documents_kept for s in cleaned.stats.values()):,} documents kept "
+        f"({clean_seconds:.1f} s)"
+    )
 
     all_parts = [part for parts in cleaned.parts.values() for part in parts]
     tokenizer_spec = config.tokenizer or str(_trained_tokenizer(config, output, all_parts, log))
@@ -132,35 +141,51 @@ def run_preprocess(
     start = time.perf_counter()
     tokenized = tokenize_parts(tasks, config.workers)
     tokenize_seconds = time.perf_counter() - start
-    written_tokens = sum(part.tokens for part in tokenized if part.written)
 
-    by_prefix = {part.prefix: part for part in tokenized}
-    datasets_report = {}
-    for name, stats in cleaned.stats.items():
-        folder = output / "tokens" / name
-        parts = [by_prefix[task.prefix] for task in tasks if task.prefix.parent == folder]
-        stats.tokens = sum(part.tokens for part in parts)
-        _write_metadata(folder, identity, parts)
-        datasets_report[name] = {**stats.to_dict(), "token_shards": len(parts), "path": str(folder)}
     report = {
         "output": str(output),
-        "datasets": datasets_report,
+        "datasets": _dataset_reports(output, cleaned.stats, tasks, tokenized, identity),
         "total": total(list(cleaned.stats.values())).to_dict(),
         "near_duplicate_clusters": cleaned.near_duplicate_clusters,
         "tokenizer": {**identity, "spec": tokenizer_spec},
         "stages": {
             "clean": {"seconds": round(clean_seconds, 3)},
-            "tokenize": {
-                "workers": config.workers,
-                "shards_written": sum(part.written for part in tokenized),
-                "tokens_written": written_tokens,
-                "seconds": round(tokenize_seconds, 3),
-                "tokens_per_second": round(written_tokens / tokenize_seconds) if written_tokens else 0,
-            },
+            "tokenize": _tokenize_report(tokenized, tokenize_seconds, config.workers),
         },
     }
     _write_json(output / "report.json", report)
     return report
+
+
+def _dataset_reports(
+    output: Path,
+    stats: dict[str, DatasetStats],
+    tasks: list[TokenizeTask],
+    tokenized: list[TokenizedPart],
+    identity: dict,
+) -> dict:
+    """Per dataset, its counts (tokens filled in here) and where its shards are; also writes
+    each dataset's metadata file beside its shards."""
+    reports = {}
+    for name, dataset_stats in stats.items():
+        folder = output / "tokens" / name
+        parts = [part for task, part in zip(tasks, tokenized) if task.prefix.parent == folder]
+        dataset_stats.tokens = sum(part.tokens for part in parts)
+        _write_metadata(folder, identity, parts)
+        reports[name] = {**dataset_stats.to_dict(), "token_shards": len(parts), "path": str(folder)}
+    return reports
+
+
+def _tokenize_report(tokenized: list[TokenizedPart], seconds: float, workers: int) -> dict:
+    """Speed of the shards written by this run (finished shards found on disk are not timed)."""
+    written = sum(part.tokens for part in tokenized if part.written)
+    return {
+        "workers": workers,
+        "shards_written": sum(part.written for part in tokenized),
+        "tokens_written": written,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(written / seconds) if written else 0,
+    }
 
 
 def _trained_tokenizer(
@@ -215,8 +240,11 @@ def _claim_output(output: Path, settings: dict) -> None:
     settings = json.loads(json.dumps(settings))
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = sorted(key for key in settings.keys() | previous.keys()
-                         if settings.get(key) != previous.get(key))
+        changed = sorted(
+            key
+            for key in settings.keys() | previous.keys()
+            if settings.get(key) != previous.get(key)
+        )
         if changed:
             raise ValueError(
                 f"output folder {output} holds a run with other settings ({', '.join(changed)} "
@@ -226,20 +254,23 @@ def _claim_output(output: Path, settings: dict) -> None:
     _write_json(path, settings)
 
 
-def _write_metadata(folder: Path, identity: dict, parts: list) -> None:
+def _write_metadata(folder: Path, identity: dict, parts: list[TokenizedPart]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = identity["vocab_size"]
     assert isinstance(vocab_size, int)
-    _write_json(folder / DATASET_METADATA, {
-        "tokenizer": identity,
-        "dtype": token_dtype(vocab_size).__name__,
-        "documents": sum(part.documents for part in parts),
-        "tokens": sum(part.tokens for part in parts),
-        "shards": [
-            {"prefix": part.prefix.name, "documents": part.documents, "tokens": part.tokens}
-            for part in parts
-        ],
-    })
+    _write_json(
+        folder / DATASET_METADATA,
+        {
+            "tokenizer": identity,
+            "dtype": token_dtype(vocab_size).__name__,
+            "documents": sum(part.documents for part in parts),
+            "tokens": sum(part.tokens for part in parts),
+            "shards": [
+                {"prefix": part.prefix.name, "documents": part.documents, "tokens": part.tokens}
+                for part in parts
+            ],
+        },
+    )
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -55,12 +55,13 @@ class QualityConfig:
         unknown = set(self.languages) - set(LANGUAGES)
         if unknown:
             raise ValueError(
-                f"languages {sorted(unknown)} cannot be detected; choose from {', '.join(LANGUAGES)}."
+                f"languages {sorted(unknown)} cannot be detected; "
+                f"choose from {', '.join(LANGUAGES)}."
             )
 
 
 def detect_language(text: str, units: list[str]) -> str:
-    """"zh", "en" or "other", from the scripts the letters are written in and, for English,
+    """ "zh", "en" or "other", from the scripts the letters are written in and, for English,
     the share of common English words (which tells it from other Latin-script languages)."""
     digits = _count(_DIGITS, text)
     letters = sum(map(len, units)) - digits

@@ -20,7 +20,6 @@ from llmscale.data.corpus import resolve_paths
 
 TEXT_DOCUMENT_UNITS = ("file", "paragraph", "line")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
-SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 # Enough of a file's start to tell text from binary: text never holds a NUL byte.
 _SNIFF_BYTES = 8192
 _BATCH_ROWS = 1024
@@ -78,8 +77,7 @@ def find_sources(patterns: list[str], root: Path, config: ReadConfig) -> list[Pa
             found.add(path.resolve())
             continue
         for file in resolve_paths([pattern], root, source="--input"):
-            saved = next((p for p in (file.parent, file.parent.parent) if _is_saved_dataset(p)), None)
-            found.add(saved if saved is not None else file)
+            found.add(_saved_dataset_holding(file) or file)
     for path in found:
         if (path / "dataset_dict.json").is_file():
             splits = datasets.load_from_disk(str(path)).keys()
@@ -109,14 +107,26 @@ def read_documents(
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS)
+    """A folder written by `save_to_disk`: a DatasetDict, or one Dataset."""
+    return (path / "dataset_dict.json").is_file() or all(
+        (path / marker).is_file() for marker in ("state.json", "dataset_info.json")
+    )
+
+
+def _saved_dataset_holding(file: Path) -> Path | None:
+    """The saved-dataset folder `file` belongs to (a glob can reach into one), if any."""
+    if (file.parent.parent / "dataset_dict.json").is_file():
+        return file.parent.parent
+    return file.parent if _is_saved_dataset(file.parent) else None
 
 
 def _open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
-def _text_or_json(path: Path, config: ReadConfig, max_bytes: int) -> Iterator[RawDocument | Skipped]:
+def _text_or_json(
+    path: Path, config: ReadConfig, max_bytes: int
+) -> Iterator[RawDocument | Skipped]:
     origin = str(path)
     name = path.name.removesuffix(".gz")
     is_json = name.endswith(JSON_SUFFIXES)
@@ -223,7 +233,9 @@ def _parquet(path: Path, config: ReadConfig, max_bytes: int) -> Iterator[RawDocu
             yield _text_value(f"{path}:{row}", value, max_bytes)
 
 
-def _saved_dataset(path: Path, config: ReadConfig, max_bytes: int) -> Iterator[RawDocument | Skipped]:
+def _saved_dataset(
+    path: Path, config: ReadConfig, max_bytes: int
+) -> Iterator[RawDocument | Skipped]:
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[config.dataset_split]

@@ -19,6 +19,8 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 from llmscale.data.parallel import ordered_map
 from llmscale.data.tokenizer import Tokenizer, open_tokenizer
 
+# Written beside a dataset's shards: its tokenizer's identity and its counts.
+DATASET_METADATA = "dataset.json"
 # Characters of text encoded per tokenizer call: large enough to leave the per-call overhead
 # negligible, small enough to keep a worker's memory flat.
 _ENCODE_BATCH_CHARS = 1 << 20

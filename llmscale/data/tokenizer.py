@@ -81,6 +81,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode(list(ids))
 
+    def pieces(self) -> list[str]:
+        return [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 class HuggingFaceTokenizer:
     """An existing Hugging Face `tokenizer.json`; `eod_token` (or the first of
@@ -116,6 +119,10 @@ class HuggingFaceTokenizer:
         kept = [i for i in ids if i != self.eod_id]
         return self._tokenizer.decode(kept, skip_special_tokens=False)
 
+    def pieces(self) -> list[str]:
+        by_id = {i: token for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items()}
+        return [by_id.get(i, "") for i in range(self.vocab_size)]
+
 
 def open_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
     """`"byte"`, a SentencePiece `.model` file, or a Hugging Face `tokenizer.json` file."""
@@ -128,13 +135,15 @@ def open_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, object]:
-    """What a token id means: the tokenizer's kind, file digest, size and document separator.
-    Recorded beside prepared datasets so training refuses ids from a different tokenizer."""
-    path = getattr(tokenizer, "path", None)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+    """What a token id means: the tokenizer's kind, a digest of its vocabulary (id -> piece),
+    its size and its document separator. Recorded beside prepared datasets so training refuses
+    ids from a different vocabulary. The digest covers the pieces, not the file, whose bytes
+    also hold training details (the output path, the thread count)."""
+    pieces = tokenizer.pieces() if hasattr(tokenizer, "pieces") else None
+    digest = hashlib.sha256("\0".join(pieces).encode("utf-8")).hexdigest() if pieces else None
     return {
         "kind": type(tokenizer).__name__,
-        "sha256": digest,
+        "vocab_sha256": digest,
         "vocab_size": tokenizer.vocab_size,
         "eod_id": tokenizer.eod_id,
     }

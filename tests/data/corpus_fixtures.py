@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import tokenizers
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO_ROOT / "data" / "shakespeare"
 
@@ -21,8 +23,25 @@ CHINESE = [
 ]
 
 
-def english_paragraphs(play: str = "hamlet.txt", count: int = 40, min_chars: int = 200) -> list[str]:
+def english_paragraphs(
+    play: str = "hamlet.txt", count: int = 40, min_chars: int = 200
+) -> list[str]:
     """The first `count` speeches of a bundled play that hold at least `min_chars` characters."""
     text = (SHAKESPEARE / play).read_text(encoding="utf-8").replace("\r\n", "\n")
     paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= min_chars]
     return paragraphs[:count]
+
+
+def train_hf_tokenizer(path: Path, text_file: Path, eod: str = "<|endoftext|>") -> Path:
+    """A small byte-level BPE tokenizer.json, as Hugging Face models ship them."""
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[eod],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    model.train_from_iterator(text_file.read_text().splitlines(), trainer)
+    model.save(str(path))
+    return path

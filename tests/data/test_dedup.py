@@ -2,8 +2,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corpus_fixtures import CHINESE, english_paragraphs
+
 from llmscale.data.dedup import DedupConfig, DedupIndex, content_hash, minhash_signature
 from llmscale.data.units import text_units
 

@@ -7,16 +7,16 @@ import numpy as np
 import pyarrow
 import pyarrow.parquet
 import pytest
+from corpus_fixtures import CHINESE, SHAKESPEARE, english_paragraphs, train_hf_tokenizer
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from corpus_fixtures import CHINESE, english_paragraphs
 from llmscale.data import tokenize_stage
 from llmscale.data.cleaning import CleaningConfig, clean_text
 from llmscale.data.dedup import DedupIndex
 from llmscale.data.prepare import PrepareConfig
 from llmscale.data.preprocess import PreprocessConfig, TokenizerTrainingConfig, run_preprocess
 from llmscale.data.quality import QualityConfig
-from llmscale.data.tokenizer import SentencePieceTokenizer
+from llmscale.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
 
 ENGLISH = english_paragraphs(count=60)
 TRAINING = TokenizerTrainingConfig(vocab_size=600)
@@ -34,8 +34,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Same words, other punctuation: a near duplicate, not an exact one.
     near = ENGLISH[12].replace(",", ";")
     records = [json.dumps({"text": t}) for t in ENGLISH[10:]]
-    records += ["not json at all", json.dumps({"body": "no text field"}),
-                json.dumps({"text": ENGLISH[11]}), json.dumps({"text": near})]
+    records += [
+        "not json at all",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": ENGLISH[11]}),
+        json.dumps({"text": near}),
+    ]
     (root / "en" / "more.jsonl").write_text("\n".join(records) + "\n")
     zh = CHINESE + [CHINESE[0], "太短了。"]
     pyarrow.parquet.write_table(pyarrow.table({"text": zh}), root / "zh.parquet")
@@ -68,16 +72,22 @@ def token_documents(output: Path, dataset: str) -> list[np.ndarray]:
 
 def counts(report: dict) -> dict:
     """The per-dataset figures of a report, without the output path they were written to."""
-    return {name: {k: v for k, v in stats.items() if k != "path"} for name, stats in report["datasets"].items()}
+    return {
+        name: {k: v for k, v in stats.items() if k != "path"}
+        for name, stats in report["datasets"].items()
+    }
 
 
 def output_files(output: Path) -> dict[str, bytes]:
-    """Every result file (not the SQLite state, whose page layout may differ)."""
+    """Every result file of a run, to compare runs in different folders: not the SQLite state
+    (its page layout may differ), the report (timings) or the tokenizer model file (it records
+    the path it was trained to; its pieces are compared through the recorded vocab digest)."""
     return {
         str(path.relative_to(output)): path.read_bytes()
         for path in sorted(output.rglob("*"))
-        if path.is_file() and path.suffix not in (".sqlite", ".sqlite-wal", ".sqlite-shm")
-        and path.name != "report.json"
+        if path.is_file()
+        and path.suffix not in (".sqlite", ".sqlite-wal", ".sqlite-shm")
+        and path.name not in ("report.json", "tokenizer.model")
     }
 
 
@@ -93,8 +103,12 @@ def test_report_counts_every_stage(finished: tuple[Path, dict]) -> None:
     # 12 text files (one empty, one binary) and 54 JSON lines.
     assert en["documents_in"] == 12 + 54
     assert en["dropped"] == {
-        "empty": 1, "binary": 1, "bad_json": 1, "missing_field": 1,
-        "exact_duplicate": 1, "near_duplicate": 1,
+        "empty": 1,
+        "binary": 1,
+        "bad_json": 1,
+        "missing_field": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
     }
     assert en["documents_kept"] == 60
     assert zh["documents_in"] == 7
@@ -129,7 +143,7 @@ def test_cleaned_text_round_trips_through_the_shards(finished: tuple[Path, dict]
 def test_shards_record_their_tokenizer(finished: tuple[Path, dict]) -> None:
     output, report = finished
     metadata = json.loads((output / "tokens" / "en" / "dataset.json").read_text())
-    assert metadata["tokenizer"]["sha256"] == report["tokenizer"]["sha256"]
+    assert metadata["tokenizer"]["vocab_sha256"] == report["tokenizer"]["vocab_sha256"]
     assert metadata["tokenizer"]["vocab_size"] == 600
     assert metadata["dtype"] == "uint16"
     assert metadata["tokens"] == report["datasets"]["en"]["tokens"]
@@ -179,28 +193,51 @@ def test_a_run_killed_in_each_stage_resumes_to_the_same_bytes(
     monkeypatch.setattr(tokenize_stage, "tokenize_part", real_part)
 
     report = preprocess(corpus, output)
-    assert report["stages"]["tokenize"]["shards_written"] == report["datasets"]["en"]["token_shards"] + \
-        report["datasets"]["zh"]["token_shards"] - 1
+    assert (
+        report["stages"]["tokenize"]["shards_written"]
+        == report["datasets"]["en"]["token_shards"] + report["datasets"]["zh"]["token_shards"] - 1
+    )
     assert counts(report) == counts(finished[1])
     assert output_files(output) == output_files(finished[0])
 
 
-def test_worker_processes_write_the_same_bytes(corpus: Path, finished: tuple[Path, dict], tmp_path: Path) -> None:
+def test_worker_processes_write_the_same_bytes(
+    corpus: Path, finished: tuple[Path, dict], tmp_path: Path
+) -> None:
     report = preprocess(corpus, tmp_path / "parallel", workers=2)
     assert counts(report) == counts(finished[1])
     assert output_files(tmp_path / "parallel") == output_files(finished[0])
 
 
-def test_other_settings_on_an_existing_output_are_refused(corpus: Path, finished: tuple[Path, dict]) -> None:
+def test_other_settings_on_an_existing_output_are_refused(
+    corpus: Path, finished: tuple[Path, dict]
+) -> None:
     strict = PrepareConfig(quality=QualityConfig(min_chars=500))
     with pytest.raises(ValueError, match=r"other settings \(prepare differ\).*new --output"):
         preprocess(corpus, finished[0], prepare=strict)
 
 
-def test_an_existing_tokenizer_is_used_as_given(corpus: Path, finished: tuple[Path, dict], tmp_path: Path) -> None:
+def test_an_existing_tokenizer_is_used_as_given(
+    corpus: Path, finished: tuple[Path, dict], tmp_path: Path
+) -> None:
     model = finished[0] / "tokenizer.model"
     report = preprocess(corpus, tmp_path / "given", train_tokenizer=None, tokenizer=str(model))
     assert not (tmp_path / "given" / "tokenizer.model").exists()
-    assert report["tokenizer"]["sha256"] == finished[1]["tokenizer"]["sha256"]
-    assert output_files(tmp_path / "given")["tokens/zh/part-00000.bin"] == \
-        output_files(finished[0])["tokens/zh/part-00000.bin"]
+    assert report["tokenizer"]["vocab_sha256"] == finished[1]["tokenizer"]["vocab_sha256"]
+    assert (
+        output_files(tmp_path / "given")["tokens/zh/part-00000.bin"]
+        == output_files(finished[0])["tokens/zh/part-00000.bin"]
+    )
+
+
+def test_a_hugging_face_tokenizer_json_round_trips_too(corpus: Path, tmp_path: Path) -> None:
+    path = train_hf_tokenizer(tmp_path / "tokenizer.json", SHAKESPEARE / "hamlet.txt")
+    output = tmp_path / "hf"
+    preprocess(corpus, output, train_tokenizer=None, tokenizer=str(path))
+    tokenizer = HuggingFaceTokenizer(path)
+    for dataset in ("en", "zh"):
+        documents = token_documents(output, dataset)
+        assert [tokenizer.decode(ids.tolist()) for ids in documents] == cleaned_texts(
+            output, dataset
+        )
+        assert all(ids[-1] == tokenizer.eod_id for ids in documents)

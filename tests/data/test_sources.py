@@ -7,8 +7,8 @@ import datasets
 import pyarrow
 import pyarrow.parquet
 import pytest
-
 from corpus_fixtures import CHINESE, english_paragraphs
+
 from llmscale.data.prepare import PrepareConfig, prepare
 from llmscale.data.sources import RawDocument, ReadConfig, Skipped, find_sources, read_documents
 
@@ -16,8 +16,9 @@ TEXT = english_paragraphs(count=3)
 MAX_BYTES = 1 << 20
 
 
-def outcomes(path: Path, read: ReadConfig = ReadConfig()) -> list[str]:
+def outcomes(path: Path, read: ReadConfig | None = None) -> list[str]:
     """Per document of `path`: "kept", or the reason it is dropped before deduplication."""
+    read = read or ReadConfig()
     config = PrepareConfig(read=read)
     results = [prepare(item, config) for item in read_documents(path, read, MAX_BYTES)]
     return [result.reason or "kept" for result in results]
@@ -30,7 +31,9 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def jsonl(path: Path, records: list) -> Path:
-    lines = [r if isinstance(r, (str, bytes)) else json.dumps(r, ensure_ascii=False) for r in records]
+    lines = [
+        r if isinstance(r, (str, bytes)) else json.dumps(r, ensure_ascii=False) for r in records
+    ]
     data = b"\n".join(line.encode() if isinstance(line, str) else line for line in lines) + b"\n"
     return write_bytes(path, data)
 
@@ -54,19 +57,28 @@ def test_bad_files_are_skipped_with_their_reason(tmp_path: Path) -> None:
 
 
 def test_every_bad_json_line_is_skipped_and_the_good_ones_kept(tmp_path: Path) -> None:
-    path = jsonl(tmp_path / "mixed.jsonl", [
-        {"text": TEXT[0], "id": 1},
-        "{not json",
-        {"content": TEXT[1]},
-        {"text": 42},
-        ["text", TEXT[1]],
-        "",
-        b'{"text": "caf\xe9 latin-1 bytes"}',
-        {"text": CHINESE[0]},
-    ])
+    path = jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"text": TEXT[0], "id": 1},
+            "{not json",
+            {"content": TEXT[1]},
+            {"text": 42},
+            ["text", TEXT[1]],
+            "",
+            b'{"text": "caf\xe9 latin-1 bytes"}',
+            {"text": CHINESE[0]},
+        ],
+    )
     assert outcomes(path) == [
-        "kept", "bad_json", "missing_field", "missing_field", "missing_field", "empty",
-        "invalid_utf8", "kept",
+        "kept",
+        "bad_json",
+        "missing_field",
+        "missing_field",
+        "missing_field",
+        "empty",
+        "invalid_utf8",
+        "kept",
     ]
 
 
@@ -78,7 +90,9 @@ def test_json_field_is_configurable_and_reaches_into_objects(tmp_path: Path) -> 
 
 def test_gzip_json_lines(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl.gz"
-    path.write_bytes(gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in TEXT)))
+    path.write_bytes(
+        gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in TEXT))
+    )
     assert outcomes(path) == ["kept"] * 3
     broken = write_bytes(tmp_path / "broken.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     assert outcomes(broken)[-1] == "unreadable"
@@ -92,7 +106,9 @@ def test_a_50_megabyte_line_is_skipped_without_being_held(tmp_path: Path, name: 
         for _ in range(50):
             file.write(b"x" * (1 << 20))
         file.write(b'"}\n' if name.endswith(".jsonl") else b"\n")
-        file.write(json.dumps({"text": TEXT[0]}).encode() + b"\n" if name.endswith(".jsonl") else b"")
+        file.write(
+            json.dumps({"text": TEXT[0]}).encode() + b"\n" if name.endswith(".jsonl") else b""
+        )
     tracemalloc.start()
     items = list(read_documents(path, ReadConfig(), MAX_BYTES))
     peak = tracemalloc.get_traced_memory()[1]
@@ -107,9 +123,17 @@ def test_paragraph_and_line_documents(tmp_path: Path) -> None:
     path = write_bytes(tmp_path / "poems.txt", ("\n\n\n".join(CHINESE[:3]) + "\n").encode())
     assert outcomes(path, ReadConfig(text_document="paragraph")) == ["kept"] * 3
     assert outcomes(path, ReadConfig(text_document="line")) == [
-        "kept", "empty", "empty", "kept", "empty", "empty", "kept"
+        "kept",
+        "empty",
+        "empty",
+        "kept",
+        "empty",
+        "empty",
+        "kept",
     ]
-    over = write_bytes(tmp_path / "over.txt", b"short one\n\n" + b"y" * (MAX_BYTES + 5) + b"\nz\n\nlast\n")
+    over = write_bytes(
+        tmp_path / "over.txt", b"short one\n\n" + b"y" * (MAX_BYTES + 5) + b"\nz\n\nlast\n"
+    )
     items = list(read_documents(over, ReadConfig(text_document="paragraph"), MAX_BYTES))
     assert [getattr(item, "reason", "doc") for item in items] == ["doc", "too_long", "doc"]
 
@@ -137,11 +161,24 @@ def test_saved_datasets_folders(tmp_path: Path) -> None:
     assert outcomes(tmp_path / "splits", ReadConfig(dataset_split="test")) == ["kept"]
     # A glob reaching into a saved folder finds the folder, not its arrow files.
     assert find_sources(["single/*"], tmp_path, ReadConfig()) == [tmp_path / "single"]
-    with pytest.raises(ValueError, match=r"splits \['test', 'train'\], not 'validation'.*--dataset-split"):
+    with pytest.raises(
+        ValueError, match=r"splits \['test', 'train'\], not 'validation'.*--dataset-split"
+    ):
         find_sources(["splits"], tmp_path, ReadConfig(dataset_split="validation"))
 
 
 def test_missing_input_names_the_flag(tmp_path: Path) -> None:
     write_bytes(tmp_path / "here.txt", b"x")
-    with pytest.raises(FileNotFoundError, match="--input entry 'nowhere/\\*.jsonl' matches no file"):
+    with pytest.raises(
+        FileNotFoundError, match="--input entry 'nowhere/\\*.jsonl' matches no file"
+    ):
         find_sources(["here.txt", "nowhere/*.jsonl"], tmp_path, ReadConfig())
+
+
+def test_an_unrelated_state_json_does_not_make_a_folder_a_saved_dataset(tmp_path: Path) -> None:
+    write_bytes(tmp_path / "project" / "state.json", b"{}")
+    text = write_bytes(tmp_path / "project" / "data" / "notes.txt", TEXT[0].encode())
+    assert find_sources(["project/data"], tmp_path, ReadConfig()) == [text]
+    assert find_sources(["project/state.json"], tmp_path, ReadConfig()) == [
+        tmp_path / "project" / "state.json"
+    ]

@@ -4,14 +4,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpus_fixtures import train_hf_tokenizer
 
 from llmscale.config.schema import TokenizerConfig, TokenizerKind
 from llmscale.data import (
     ByteTokenizer,
+    HuggingFaceTokenizer,
     SentencePieceTokenizer,
     build_tokenizer,
+    open_tokenizer,
     train_sentencepiece,
+    train_sentencepiece_on_lines,
 )
+from llmscale.data.tokenizer import tokenizer_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAMLET = REPO_ROOT / "data" / "shakespeare" / "hamlet.txt"
@@ -80,7 +85,9 @@ def test_sentencepiece_training_is_deterministic(tmp_path: Path, hamlet_model: P
 
 def test_newlines_round_trip_without_byte_fallback(tmp_path: Path) -> None:
     # Training reads lines without their "\n", so nothing but its own piece keeps it encodable.
-    model = train_sentencepiece([HAMLET], tmp_path / "no_bytes", vocab_size=200, byte_fallback=False)
+    model = train_sentencepiece(
+        [HAMLET], tmp_path / "no_bytes", vocab_size=200, byte_fallback=False
+    )
     tokenizer = SentencePieceTokenizer(model)
     text = "Enter HAMLET.\n\nHAMLET. To be, or not to be\n"
     assert tokenizer.decode(tokenizer.encode(text)) == text
@@ -127,9 +134,20 @@ def test_byte_kind_builds_byte_tokenizer() -> None:
 def test_cli_trains_from_repo_root(tmp_path: Path) -> None:
     output = tmp_path / "cli" / "tempest"
     result = subprocess.run(
-        [sys.executable, "tools/train_tokenizer.py", "--input", "data/shakespeare/t*.txt",
-         "--vocab-size", "400", "--output", str(output)],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "tools/train_tokenizer.py",
+            "--input",
+            "data/shakespeare/t*.txt",
+            "--vocab-size",
+            "400",
+            "--output",
+            str(output),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cli" / "tempest.model").is_file()
@@ -141,3 +159,79 @@ def test_cli_reports_missing_input_as_a_message(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli["main"](["--input", "no/such/dir", "--vocab-size", "400", "--output", str(tmp_path)])
     assert "--input entry 'no/such/dir' matches no file" in str(exit_info.value.code)
+
+
+def test_hugging_face_tokenizer_json_round_trips(tmp_path: Path) -> None:
+    tokenizer = open_tokenizer(str(train_hf_tokenizer(tmp_path / "tokenizer.json", HAMLET)))
+    assert isinstance(tokenizer, HuggingFaceTokenizer)
+    assert tokenizer.eod_id == 0 and tokenizer.vocab_size == 400
+    for text in ROUND_TRIP_TEXTS:
+        ids = tokenizer.encode(text)
+        assert tokenizer.eod_id not in ids
+        assert tokenizer.decode(ids + [tokenizer.eod_id]) == text
+    assert tokenizer.encode_batch(ROUND_TRIP_TEXTS) == [
+        tokenizer.encode(t) for t in ROUND_TRIP_TEXTS
+    ]
+
+
+def test_hugging_face_end_of_document_token_is_found_or_asked_for(tmp_path: Path) -> None:
+    path = train_hf_tokenizer(tmp_path / "tokenizer.json", HAMLET, eod="<my_end>")
+    with pytest.raises(ValueError, match="--eod-token"):
+        open_tokenizer(str(path))
+    assert open_tokenizer(str(path), eod_token="<my_end>").eod_id == 0
+
+
+def test_open_tokenizer_picks_by_name(hamlet_model: Path) -> None:
+    assert isinstance(open_tokenizer("byte"), ByteTokenizer)
+    assert isinstance(open_tokenizer(str(hamlet_model)), SentencePieceTokenizer)
+    with pytest.raises(FileNotFoundError):
+        open_tokenizer("missing/tokenizer.json")
+
+
+def test_encode_batch_equals_encoding_one_by_one(hamlet_model: Path) -> None:
+    for tokenizer in (ByteTokenizer(), SentencePieceTokenizer(hamlet_model)):
+        assert tokenizer.encode_batch(ROUND_TRIP_TEXTS) == [
+            tokenizer.encode(t) for t in ROUND_TRIP_TEXTS
+        ]
+
+
+def test_special_tokens_become_single_pieces(tmp_path: Path) -> None:
+    lines = HAMLET.read_text().splitlines()
+    model = train_sentencepiece_on_lines(
+        lines, tmp_path / "chat", vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"]
+    )
+    tokenizer = SentencePieceTokenizer(model)
+    text = "<|im_start|>user\nTo be?<|im_end|>"
+    ids = tokenizer.encode(text)
+    assert tokenizer._processor.piece_to_id("<|im_start|>") in ids
+    assert tokenizer._processor.piece_to_id("<|im_end|>") == ids[-1]
+    assert tokenizer.decode(ids) == text
+
+
+def test_sampled_training_reads_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    lines = HAMLET.read_text().splitlines()
+    first = train_sentencepiece_on_lines(
+        lines, tmp_path / "a", vocab_size=400, max_sentences=500, seed=3
+    )
+    again = train_sentencepiece_on_lines(
+        lines, tmp_path / "b", vocab_size=400, max_sentences=500, seed=3
+    )
+    full = train_sentencepiece_on_lines(lines, tmp_path / "c", vocab_size=400)
+    pieces = [SentencePieceTokenizer(m).pieces() for m in (first, again, full)]
+    assert pieces[0] == pieces[1]
+    assert pieces[0] != pieces[2]
+
+
+def test_identity_follows_the_vocabulary_not_the_file(tmp_path: Path, hamlet_model: Path) -> None:
+    retrained = train_sentencepiece([HAMLET], tmp_path / "elsewhere" / "hamlet", vocab_size=400)
+    assert retrained.read_bytes() != hamlet_model.read_bytes()
+    same = tokenizer_identity(SentencePieceTokenizer(retrained))
+    assert same == tokenizer_identity(SentencePieceTokenizer(hamlet_model))
+    other = train_sentencepiece([HAMLET], tmp_path / "bigger", vocab_size=500)
+    assert tokenizer_identity(SentencePieceTokenizer(other))["vocab_sha256"] != same["vocab_sha256"]
+    assert tokenizer_identity(ByteTokenizer()) == {
+        "kind": "ByteTokenizer",
+        "vocab_sha256": None,
+        "vocab_size": 257,
+        "eod_id": 256,
+    }

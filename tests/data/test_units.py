@@ -4,7 +4,16 @@ from llmscale.data.units import ngram_hashes, text_units
 
 
 def test_cjk_characters_are_units_and_other_words_are_runs() -> None:
-    assert text_units("Hello, 世界! GPT-4 说：你好") == ["hello", "世", "界", "gpt", "4", "说", "你", "好"]
+    assert text_units("Hello, 世界! GPT-4 说：你好") == [
+        "hello",
+        "世",
+        "界",
+        "gpt",
+        "4",
+        "说",
+        "你",
+        "好",
+    ]
     assert text_units("snake_case ok") == ["snake", "case", "ok"]
     assert text_units("... ，。") == []
 
