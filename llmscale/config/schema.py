@@ -15,6 +15,7 @@ from omegaconf import MISSING
 class TokenizerKind(str, Enum):
     byte = "byte"
     sentencepiece = "sentencepiece"
+    huggingface = "huggingface"
 
 
 class Precision(str, Enum):
@@ -50,7 +51,8 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     kind: TokenizerKind = TokenizerKind.byte
-    # A SentencePiece `.model` file; required when kind=sentencepiece.
+    # A SentencePiece `.model` (kind=sentencepiece) or a Hugging Face `tokenizer.json`
+    # (kind=huggingface).
     path: Optional[str] = None
 
 

@@ -90,6 +90,14 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}: "
             f"lower data.seq_len or raise model.max_seq_len"
         )
+    if data.blend and data.paths:
+        errors.append(
+            f"data.blend lists {len(data.blend)} prepared datasets and data.paths lists text files "
+            f"{list(data.paths)[:3]}: train on one of them (set data.paths=[] to use the blend)"
+        )
+    if not data.blend and not data.paths:
+        errors.append("data.paths and data.blend are both empty: name text files or prepared "
+                      "datasets to train on")
     if not 0.0 < data.val_fraction < 1.0:
         errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
     if optim.min_lr > optim.lr:

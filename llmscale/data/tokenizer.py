@@ -155,11 +155,17 @@ def build_tokenizer(cfg: TokenizerConfig, root: Path) -> Tokenizer:
     if kind is TokenizerKind.byte:
         return ByteTokenizer()
     if cfg.path is None:
+        if kind is TokenizerKind.huggingface:
+            raise ValueError("tokenizer.kind=huggingface needs tokenizer.path set to a "
+                             "tokenizer.json file.")
         raise ValueError(
             f"tokenizer.kind=sentencepiece needs tokenizer.path set to a .model file; {TRAIN_HINT}."
         )
     path = Path(cfg.path).expanduser()
-    return SentencePieceTokenizer(path if path.is_absolute() else root / path)
+    path = path if path.is_absolute() else root / path
+    if kind is TokenizerKind.huggingface:
+        return HuggingFaceTokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def train_sentencepiece(

@@ -3,6 +3,8 @@
 from pathlib import Path
 from typing import Tuple
 
+from torch.utils.data import Dataset
+
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import LLMScaleConfig, ModelConfig
 from llmscale.data import (
@@ -13,6 +15,7 @@ from llmscale.data import (
     resolve_paths,
     split_train_val,
 )
+from llmscale.data.blend import build_blended_datasets
 
 
 def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> int:
@@ -28,8 +31,14 @@ def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> int:
     return model.vocab_size
 
 
-def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[PackedDataset, PackedDataset, Tokenizer]:
+def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, Tokenizer]:
+    """Train and validation samples: from a blend of prepared datasets when `data.blend` lists
+    any (call this once torch.distributed is up: megatron-core's index builder needs it), else
+    from the text files in `data.paths`."""
     tokenizer = build_tokenizer(cfg.tokenizer, root)
+    if cfg.data.blend:
+        splits = build_blended_datasets(cfg.data, tokenizer, root)
+        return splits.train, splits.validation, tokenizer
     tokens = load_token_stream(resolve_paths(cfg.data.paths, root), tokenizer)
     train_tokens, val_tokens = split_train_val(tokens, cfg.data.val_fraction)
     train_set = PackedDataset(train_tokens, cfg.data.seq_len, name="the training split")

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 from omegaconf import OmegaConf
 
 from llmscale.checkpoint.checkpointer import Checkpointer, prepare_resume, resolve_resume
@@ -18,7 +19,7 @@ from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import ParallelPlan, validate
-from llmscale.data import GlobalSampleOrder, PackedDataset, rank_micro_batches
+from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.parallel.distributed import all_reduce_mean, init_distributed, read_world_size
@@ -45,7 +46,7 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(cfg: LLMScaleConfig) -> RunSummary:
-    # Everything that can fail on a user's input is checked before any process group starts.
+    # The config and the resume target are checked before any process group starts.
     plan = validate(cfg, read_world_size())
     require_trainable(plan)
     run_dir = Path(cfg.train.run_dir)
@@ -53,11 +54,11 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
                                  cfg.checkpoint.verify_checksums)
     init_from = _initial_weights_dir(cfg) if not resume_from else None
+
+    ctx = init_distributed()
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
-
-    ctx = init_distributed()
     dp_rank, dp_size = ctx.rank, plan.dp
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
@@ -159,7 +160,7 @@ def _initial_weights_dir(cfg: LLMScaleConfig) -> Optional[Path]:
     return weights_dir
 
 
-def _count_validation_batches(val_set: PackedDataset, plan: ParallelPlan,
+def _count_validation_batches(val_set: Dataset, plan: ParallelPlan,
                               eval_batches: int) -> int:
     """`eval_batches` global batches, or as many as the split holds."""
     num_batches = min(eval_batches, len(val_set) // plan.global_batch_size)
@@ -172,7 +173,7 @@ def _count_validation_batches(val_set: PackedDataset, plan: ParallelPlan,
     return num_batches
 
 
-def _validation_batches(val_set: PackedDataset, plan: ParallelPlan, num_batches: int,
+def _validation_batches(val_set: Dataset, plan: ParallelPlan, num_batches: int,
                         dp_rank: int):
     """The same held-out samples at every evaluation and for every data-parallel size."""
     order = GlobalSampleOrder(len(val_set), seed=0, shuffle=False)
