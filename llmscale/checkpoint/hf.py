@@ -11,6 +11,7 @@ model config) is what a run starts from for continued pretraining: `load_initial
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -207,7 +208,7 @@ def load_initial_weights(model: Llama, weights_dir: Path) -> None:
     differences = [
         f"model.{name}={getattr(model.cfg, name)!r} but the weights have {getattr(saved, name)!r}"
         for name in _MATH_FIELDS
-        if _effective(model.cfg, name) != _effective(saved, name)
+        if not _same_setting(_effective(model.cfg, name), _effective(saved, name))
     ]
     if differences:
         raise ValueError(
@@ -328,6 +329,14 @@ def _rope_settings(config: dict) -> dict:
     if "rope_theta" in config:
         rope.setdefault("rope_theta", config["rope_theta"])
     return rope
+
+
+def _same_setting(a, b) -> bool:
+    """Floats compare to float32 precision: GGUF and some config.json files store eps that way
+    (1e-5 comes back as 9.99999975e-06)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def _effective(cfg: ModelConfig, name: str):

@@ -15,7 +15,6 @@ from llmscale.data import (
     resolve_paths,
     split_train_val,
 )
-from llmscale.data.blend import build_blended_datasets
 
 
 def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> int:
@@ -37,6 +36,9 @@ def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, T
     from the text files in `data.paths`."""
     tokenizer = build_tokenizer(cfg.tokenizer, root)
     if cfg.data.blend:
+        # Imported here: megatron-core, which blends use, warns at import about GPU kernels.
+        from llmscale.data.blend import build_blended_datasets
+
         splits = build_blended_datasets(cfg.data, tokenizer, root)
         return splits.train, splits.validation, tokenizer
     tokens = load_token_stream(resolve_paths(cfg.data.paths, root), tokenizer)
