@@ -15,12 +15,16 @@ arguments, resumes where it stopped. The report is printed and saved as <output>
 import argparse
 import importlib.util
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 # Run as a script from a checkout, the repo root is not on sys.path unless llmscale is installed.
 if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# megatron-core's import notes that its fused GPU kernels are missing; preprocessing uses none.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from llmscale.data.cleaning import UNICODE_FORMS, CleaningConfig  # noqa: E402
 from llmscale.data.dedup import DedupConfig  # noqa: E402
