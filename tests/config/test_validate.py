@@ -265,17 +265,18 @@ def test_plan_describes_itself() -> None:
     )
 
 
-# (experiment, a world size it is meant for, the data-parallel size and accumulation it gets)
-EXPERIMENT_SCALES = [("tiny", 1, 1, 2), ("125m", 8, 8, 4), ("1b", 8, 8, 16), ("7b", 8, 8, 128),
-                     ("13b", 16, 8, 128), ("70b", 64, 2, 512)]
+# (experiment, its model, a world size it is meant for, the data-parallel size and accumulation)
+EXPERIMENT_SCALES = [("tiny", "tiny", 1, 1, 2), ("125m", "125m", 8, 8, 4), ("1b", "1b", 8, 8, 16),
+                     ("7b", "7b", 8, 8, 128), ("13b", "13b", 16, 8, 128), ("70b", "70b", 64, 2, 512),
+                     ("continued_smollm2", "smollm2_135m", 2, 2, 1)]
 
 
-@pytest.mark.parametrize(("experiment", "world_size", "dp", "accum"), EXPERIMENT_SCALES)
+@pytest.mark.parametrize(("experiment", "model", "world_size", "dp", "accum"), EXPERIMENT_SCALES)
 def test_shipped_experiments_validate(
-    experiment: str, world_size: int, dp: int, accum: int
+    experiment: str, model: str, world_size: int, dp: int, accum: int
 ) -> None:
     cfg = load_config([f"+exp={experiment}"])
-    assert (cfg.name, cfg.model.name) == (experiment, experiment)
+    assert (cfg.name, cfg.model.name) == (experiment, model)
     plan = validate(cfg, world_size)
     assert (plan.dp, plan.grad_accum_steps) == (dp, accum)
 
