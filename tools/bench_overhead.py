@@ -4,18 +4,17 @@
 
 Both sides run in one process with the same thread count, from the same initial weights
 (seeded as `pretrain` seeds them), on the same micro-batches (`rank_micro_batches`), with the
-same AdamW and param groups (`build_optimizer`), LR schedule and gradient clipping, in fp32.
+same AdamW and param groups (`build_optimizer`), LR schedule and gradient clipping.
 
-- llmscale: the DeepSpeed engine from `build_engine`, driven by the exact call sequence of
-  `pretrain`'s loop (llmscale/train/trainer.py): get_lr; engine(inputs, labels), engine.backward,
-  engine.step per micro-batch; all_reduce_mean of the step's loss and .item(); get_global_grad_norm.
+- llmscale: the DeepSpeed engine from `build_engine`, driven by `train_step`, the step
+  `pretrain`'s loop runs (llmscale/train/step.py), plus its get_lr and get_global_grad_norm.
   Only the metric sinks are left out (no console/JSONL/TensorBoard writes).
-- bare: model(inputs, labels); (loss / accum).backward() per micro-batch; clip_grad_norm_;
-  optimizer.step(); zero_grad(); scheduler.step(); loss.item().
+- bare: `BareLoop` (llmscale/train/bare_loop.py), the loop tools/bench.py also measures against.
 
 Steps alternate (llmscale, bare, llmscale, ...) so drift hits both alike; batch collation is
-outside both timers, as in the trainer's own tokens/s. The per-step losses of the two loops are
-compared to show they do the same work. The headline ratio comes from these interleaved steps.
+outside both timers and the copy to the device inside, as in the trainer's own tokens/s. The
+per-step losses of the two loops are compared to show they do the same work. The headline ratio
+comes from these interleaved steps.
 
 Afterwards the real `pretrain` runs the same steps (its console output hidden; JSONL on, other
 sinks, evaluation and checkpoints off or at the end) and the step times of its own timer
@@ -41,42 +40,22 @@ import torch
 if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmscale.config.load import REPO_ROOT, load_config  # noqa: E402
+from llmscale.config.load import load_config  # noqa: E402
 from llmscale.config.validate import validate  # noqa: E402
-from llmscale.data import GlobalSampleOrder, rank_micro_batches  # noqa: E402
 from llmscale.models import Llama  # noqa: E402
-from llmscale.parallel.distributed import all_reduce_mean, init_distributed  # noqa: E402
-from llmscale.parallel.engine import build_engine, build_optimizer  # noqa: E402
-from llmscale.train.data_setup import build_datasets, resolve_vocab_size  # noqa: E402
-from llmscale.train.lr_schedule import build_lr_scheduler  # noqa: E402
+from llmscale.parallel.distributed import init_distributed  # noqa: E402
+from llmscale.parallel.engine import build_engine  # noqa: E402
+from llmscale.train.bare_loop import BareLoop, load_training_batches  # noqa: E402
+from llmscale.train.step import train_step  # noqa: E402
 from llmscale.train.trainer import pretrain, seed_everything  # noqa: E402
 
 
-def llmscale_step(engine, batches) -> float:
+def llmscale_step(engine, batches, device: torch.device) -> float:
     """The body of `pretrain`'s loop, minus the metric sinks."""
     engine.get_lr()
-    losses = []
-    for inputs, labels in batches:
-        loss = engine(inputs, labels)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach().float())
-    loss = all_reduce_mean(torch.stack(losses).mean()).item()
+    loss, _ = train_step(engine, batches, device, judge=lambda loss: None)
     float(engine.get_global_grad_norm() or 0.0)
     return loss
-
-
-def bare_step(model, optimizer, scheduler, batches, clip: float) -> float:
-    losses = []
-    for inputs, labels in batches:
-        loss = model(inputs, labels)
-        (loss / len(batches)).backward()
-        losses.append(loss.detach())
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return torch.stack(losses).mean().item()
 
 
 def timed(fn, *args):
@@ -102,29 +81,22 @@ def main(argv) -> None:
 
     ctx = init_distributed()  # sets the CPU thread count both loops then share
     plan = validate(cfg, ctx.world_size)
-    train_set, _, tokenizer = build_datasets(cfg, REPO_ROOT)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
-    order = GlobalSampleOrder(len(train_set), cfg.data.seed)
+    data = load_training_batches(cfg, plan, ctx.rank)
     seed_everything(cfg.train.seed)
     model = Llama(cfg.model)
-    bare = copy.deepcopy(model)  # before DeepSpeed flattens or moves anything
+    bare = BareLoop(copy.deepcopy(model), cfg, ctx.device)  # before DeepSpeed flattens anything
     engine = build_engine(model, cfg, plan)
-    bare.to(ctx.device).train()
-    optimizer = build_optimizer(bare, cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     print(f"{plan.describe()}; seq_len {cfg.data.seq_len}; "
-          f"{sum(p.numel() for p in bare.parameters()):,} parameters; "
+          f"{sum(p.numel() for p in bare.model.parameters()):,} parameters; "
           f"{torch.get_num_threads()} threads; {args.warmup} warm-up + {args.steps} timed steps")
 
     times = {"llmscale": [], "bare": []}
     losses = {"llmscale": [], "bare": []}
     for step in range(total):
-        batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y in rank_micro_batches(
-            train_set, order, step * plan.global_batch_size, plan.micro_batch_size,
-            plan.grad_accum_steps, ctx.rank, plan.dp)]
-        runs = {"llmscale": (llmscale_step, engine, batches),
-                "bare": (bare_step, bare, optimizer, scheduler, batches, cfg.optim.clip_grad)}
+        batches = data.for_step(step)
+        runs = {"llmscale": (llmscale_step, engine, batches, ctx.device),
+                "bare": (bare.step, batches)}
         for name in (["llmscale", "bare"] if step % 2 else ["bare", "llmscale"]):
             seconds, loss = timed(*runs[name])
             losses[name].append(loss)

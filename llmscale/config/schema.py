@@ -23,6 +23,12 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class AnomalyPolicy(str, Enum):
+    skip = "skip"
+    rollback = "rollback"
+    stop = "stop"
+
+
 class LRDecay(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -133,6 +139,32 @@ class TrainConfig:
     # once the run has a checkpoint to resume from.
     init_from: Optional[str] = None
     run_dir: str = "runs/${name}"
+    # What the run does with a step whose loss is not finite or spikes (below). Every policy
+    # withholds that step's update. skip: move on to the next batch, the weights, optimizer
+    # state and LR schedule as they were (the step counts, its batch is passed over). rollback:
+    # reload the newest checkpoint and go on from the batch after the offending one (the batches
+    # in between are passed over too, as PaLM did); without a checkpoint yet it skips. stop: end
+    # the run with an error naming the step, saving nothing.
+    on_anomaly: AnomalyPolicy = AnomalyPolicy.skip
+    # A step's loss above spike_factor x the median loss of the last `spike_window` steps that
+    # were not anomalies is a spike. Nothing is called a spike before a launch has seen
+    # `spike_window` such steps. None: only non-finite losses are anomalies.
+    spike_factor: Optional[float] = 3.0
+    spike_window: int = 50
+    # Anomalies tolerated between two checkpoint saves (skips and rollbacks alike); one more
+    # stops the run, which is then not recovering by itself.
+    max_anomalies: int = 10
+    # How long any collective waits for the other ranks before this rank stops with an error
+    # naming itself and its host. It must outlast the longest wait the run has by design: the
+    # other ranks wait while rank 0 writes a checkpoint's manifest (checksums of every file) or
+    # converts a checkpoint for another layout. 30 minutes, torch's default for gloo.
+    collective_timeout_s: float = 1800.0
+    # Fault injection, for testing failure handling (like Megatron's debug flags): the N-th
+    # global batch of the sample order (the one step N trains on if no batch was passed over
+    # before) gives a NaN loss, or a loss 100 times too high, on the last rank only. None in
+    # real runs.
+    inject_nan_at_batch: Optional[int] = None
+    inject_spike_at_batch: Optional[int] = None
 
 
 @dataclass

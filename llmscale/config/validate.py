@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from llmscale.config.load import ConfigError
-from llmscale.config.schema import LLMScaleConfig
+from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
     for name in ("tp", "pp", "dp"):
         positive(f"parallel.{name}", getattr(par, name))
     for name in ("max_steps", "exit_at_step", "micro_batch_size", "global_batch_size",
-                 "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
+                 "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
+                 "spike_window", "max_anomalies", "collective_timeout_s", "inject_nan_at_batch",
+                 "inject_spike_at_batch"):
         positive(f"train.{name}", getattr(train, name))
     positive("data.seq_len", data.seq_len)
     positive("optim.lr", optim.lr)
@@ -60,6 +62,17 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
     if errors:
         raise ConfigError(_report(errors))
 
+    if train.spike_factor is not None and train.spike_factor <= 1:
+        errors.append(
+            f"train.spike_factor={train.spike_factor} would call ordinary losses spikes: use a "
+            "factor above 1 (3 flags a loss three times the recent median), or null to flag "
+            "non-finite losses only"
+        )
+    if train.on_anomaly == AnomalyPolicy.rollback and cfg.checkpoint.interval == 0:
+        errors.append(
+            "train.on_anomaly=rollback needs checkpoints to roll back to, but checkpoint.interval=0 "
+            "saves none during the run: set checkpoint.interval, or train.on_anomaly=skip"
+        )
     kv_heads = model.num_kv_heads or model.num_heads
     if model.hidden_size % model.num_heads:
         errors.append(

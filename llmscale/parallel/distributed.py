@@ -3,9 +3,12 @@
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from llmscale.config.schema import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,34 @@ def _skip_deepspeed_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    """The machine's cores shared out among the ranks running on it."""
+    return max(1, (os.cpu_count() or 1) // local_world_size)
+
+
 def _set_cpu_threads(local_world_size: int) -> None:
     """The `deepspeed` launcher leaves OMP_NUM_THREADS unset, so co-located CPU ranks would
     each take every core and oversubscribe the machine."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+        torch.set_num_threads(cpu_threads_per_rank(local_world_size))
 
 
-def init_distributed() -> DistributedContext:
+def _time_out_every_group(timeout: timedelta) -> None:
+    """`new_group` called without a timeout takes torch's backend default (30 minutes for gloo,
+    10 for NCCL), not the default group's. DeepSpeed creates its data-parallel groups that way,
+    so a hang inside ZeRO's collectives would outlast the configured timeout: point torch's
+    defaults at it before any group exists."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(
+    collective_timeout_s: float = TrainConfig.collective_timeout_s,
+) -> DistributedContext:
+    """`collective_timeout_s`: how long any collective, in every process group, waits for the
+    other ranks before it raises (see `collective_timeout_message`)."""
     import deepspeed
 
     _set_single_process_defaults()
@@ -73,7 +96,10 @@ def init_distributed() -> DistributedContext:
         _skip_deepspeed_shm_build()
         _set_cpu_threads(local_world_size)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        timeout = timedelta(seconds=collective_timeout_s)
+        _time_out_every_group(timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timeout)
     return DistributedContext(
         rank=dist.get_rank(),
         local_rank=local_rank,
@@ -87,3 +113,19 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / dist.get_world_size()
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Gloo raises a plain RuntimeError ("Timed out waiting 10000ms for recv operation to
+    complete") once a collective has waited out its group's timeout. (NCCL's watchdog instead
+    ends the process itself after the same timeout, with its own message.)"""
+    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
+
+
+def collective_timeout_message(collective_timeout_s: float) -> str:
+    return (
+        f"llmscale: error: rank {os.environ.get('RANK', '0')} on host {socket.gethostname()}: a "
+        f"collective did not complete within train.collective_timeout_s={collective_timeout_s:g} s;"
+        " another rank probably died or hung (see its log). If the run was only slow (one rank "
+        "writing a large checkpoint while the others wait), raise train.collective_timeout_s"
+    )

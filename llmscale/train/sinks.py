@@ -1,19 +1,24 @@
 """Where metrics go: console, JSONL, TensorBoard and W&B, behind one small interface.
 
-Sinks live on rank 0 only; the loop hands every one the same dict and never asks which."""
+Sinks live on rank 0 only; the loop hands every one the same dict and never asks which. Values
+are numbers, except the labels of an anomalous step's record ("anomaly": "nan", "action": "skip").
+"""
 
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Union
 
 from tqdm import tqdm
 
 from llmscale.config.schema import LoggingConfig
 
 
+Metrics = Dict[str, Union[float, str]]
+
+
 class MetricSink(Protocol):
-    def log(self, step: int, metrics: Dict[str, float]) -> None: ...
+    def log(self, step: int, metrics: Metrics) -> None: ...
 
     def close(self) -> None: ...
 
@@ -22,7 +27,7 @@ class JsonlSink:
     def __init__(self, path: Path):
         self.file = path.open("a")
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
+    def log(self, step: int, metrics: Metrics) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
@@ -36,9 +41,10 @@ class TensorBoardSink:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
+    def log(self, step: int, metrics: Metrics) -> None:
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+            if not isinstance(value, str):  # scalars only: an anomaly's labels stay in the JSONL
+                self.writer.add_scalar(name, value, step)
 
     def close(self) -> None:
         self.writer.close()
@@ -53,7 +59,7 @@ class WandbSink:
             config=config,
         )
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
+    def log(self, step: int, metrics: Metrics) -> None:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
@@ -72,7 +78,7 @@ class ConsoleSink:
             if progress_bar and sys.stderr.isatty() else None
         )
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
+    def log(self, step: int, metrics: Metrics) -> None:
         if self.bar is not None and "loss" in metrics:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
@@ -87,7 +93,9 @@ class ConsoleSink:
             self.bar.close()
 
 
-def _format(value: float) -> str:
+def _format(value: Union[float, str]) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, int) or abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.4g}"

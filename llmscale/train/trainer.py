@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -14,19 +14,27 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from omegaconf import OmegaConf
 
-from llmscale.checkpoint.checkpointer import Checkpointer, prepare_resume, resolve_resume
+from llmscale.checkpoint.checkpointer import (
+    Checkpointer, ResumeSource, prepare_resume, resolve_resume,
+)
 from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
-from llmscale.config.schema import LLMScaleConfig
+from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import ParallelPlan, validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
-from llmscale.parallel.distributed import all_reduce_mean, init_distributed, read_world_size
+from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine, require_trainable
+from llmscale.train.anomaly import (
+    Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
+)
 from llmscale.train.data_setup import build_datasets, resolve_vocab_size
-from llmscale.train.sinks import build_sinks
+from llmscale.train.fault_injection import inject_loss_faults
+from llmscale.train.memory import peak_memory_metrics
+from llmscale.train.sinks import Metrics, build_sinks
 from llmscale.train.state import TrainState
+from llmscale.train.step import train_step
 from llmscale.train.throughput import ThroughputMeter, peak_tflops
 
 
@@ -37,6 +45,7 @@ class RunSummary:
     first_val_ppl: float
     last_val_ppl: float
     last_checkpoint: Path
+    anomalies: List[Anomaly]
 
 
 def seed_everything(seed: int) -> None:
@@ -55,7 +64,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
                                  cfg.checkpoint.verify_checksums)
     init_from = _initial_weights_dir(cfg) if not resume_from else None
 
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.train.collective_timeout_s)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
@@ -72,6 +81,10 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
+    guard = LossGuard(cfg.train)
+    rollback_source = resume_source
+    if ctx.rank == ctx.world_size - 1:  # a fault on one rank, that every rank must answer
+        inject_loss_faults(model, cfg.train, plan.global_batch_size, lambda: state.consumed_samples)
 
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(
@@ -91,7 +104,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             print(f"llmscale: {resume_from} is already at train.max_steps={cfg.train.max_steps}; "
                   "raise train.max_steps to train on, or set a new train.run_dir to start afresh")
 
-    def log(metrics: Dict[str, float]) -> None:
+    def log(metrics: Metrics) -> None:
         for sink in sinks:
             sink.log(state.step, metrics)
 
@@ -109,20 +122,25 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         lr = engine.get_lr()[0]
         start = time.perf_counter()
-        losses = []
-        for inputs, labels in batches:
-            loss = engine(inputs.to(ctx.device), labels.to(ctx.device))
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-        loss = all_reduce_mean(torch.stack(losses).mean()).item()
+        loss, anomaly = train_step(engine, batches, ctx.device, lambda loss: guard.check(
+            state.step + 1, loss, rollback_source.step_dir if rollback_source else None))
         seconds = time.perf_counter() - start
 
         state.step += 1
         state.consumed_samples += plan.global_batch_size
         state.consumed_tokens += tokens_per_step
         log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-             "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds)})
+             "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds),
+             **peak_memory_metrics(ctx.device),
+             **(anomaly.record() if anomaly else {})})
+        if anomaly:
+            if anomaly.action is AnomalyPolicy.stop:
+                raise TrainingStopped(anomaly.describe())
+            if ctx.is_main:
+                print(f"llmscale: {anomaly.describe()}")
+            if anomaly.action is AnomalyPolicy.rollback:
+                state = roll_back(engine, checkpointer, rollback_source, state, cfg.data.seq_len)
+                continue  # the restored step was evaluated and saved before
 
         finished = state.step == last_step
         if state.step % cfg.train.eval_interval == 0 or finished:
@@ -132,6 +150,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             finished and cfg.checkpoint.save_final
         ):
             last_checkpoint = checkpointer.save(engine, state)
+            rollback_source = ResumeSource(last_checkpoint, universal=False)
+            guard.checkpoint_saved()
 
     for sink in sinks:
         sink.close()
@@ -141,6 +161,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         first_val_ppl=first_val["val_ppl"] if first_val else float("nan"),
         last_val_ppl=last_val["val_ppl"] if last_val else float("nan"),
         last_checkpoint=last_checkpoint,
+        anomalies=guard.anomalies,
     )
     if ctx.is_main:
         _print_summary(summary, cfg)
@@ -191,6 +212,7 @@ def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
         f"  metrics:     {run_dir / 'metrics.jsonl'}" if cfg.logging.jsonl else None,
         f"  tensorboard: {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else None,
         f"  checkpoint:  {summary.last_checkpoint.resolve()}" if summary.last_checkpoint else None,
+        f"  anomalies:   {summarize(summary.anomalies)}" if summary.anomalies else None,
     ]
     print("\n".join(line for line in lines if line))
 
