@@ -23,6 +23,7 @@ import torch.distributed as dist
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import (
     UNIVERSAL_DIR, check_reshardable, convert_to_universal, needs_universal,
+    restore_universal_into_zero3,
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.config.load import ConfigError
@@ -100,6 +101,12 @@ class ResumeSource:
 
     step_dir: Path
     universal: bool
+    into_zero3: bool = False
+
+    @property
+    def deepspeed_loads_universal(self) -> bool:
+        """DeepSpeed's universal loader serves ZeRO 1-2; llmscale restores ZeRO-3 itself."""
+        return self.universal and not self.into_zero3
 
     @property
     def load_dir_and_tag(self):
@@ -110,7 +117,7 @@ class ResumeSource:
 
 def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSource:
     """Called on every rank after the process group starts and before the engine is built
-    (a universal load is a DeepSpeed config switch)."""
+    (DeepSpeed's universal load is a config switch)."""
     saved_plan = json.loads((step_dir / STATE_FILE).read_text())["plan"]
     if not needs_universal(saved_plan, plan):
         return ResumeSource(step_dir, universal=False)
@@ -121,7 +128,7 @@ def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSourc
               f"{plan.dp} at ZeRO-{plan.zero_stage}")
         convert_to_universal(step_dir)
     dist.barrier()
-    return ResumeSource(step_dir, universal=True)
+    return ResumeSource(step_dir, universal=True, into_zero3=plan.zero_stage == 3)
 
 
 class Checkpointer:
@@ -180,12 +187,15 @@ class Checkpointer:
 
     def load(self, engine, source: ResumeSource) -> TrainState:
         record = json.loads((source.step_dir / STATE_FILE).read_text())
-        load_dir, tag = source.load_dir_and_tag
-        loaded, _ = engine.load_checkpoint(
-            load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-        )
-        if loaded is None:
-            raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
+        if source.into_zero3:
+            restore_universal_into_zero3(engine, source.step_dir)
+        else:
+            load_dir, tag = source.load_dir_and_tag
+            loaded, _ = engine.load_checkpoint(
+                load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+            )
+            if loaded is None:
+                raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
         restore_rng_state(torch.load(self._rng_file(source.step_dir, record), weights_only=True))
         return TrainState(**record["train_state"])
 

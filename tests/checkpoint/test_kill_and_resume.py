@@ -79,18 +79,22 @@ def test_killed_runs_resume_to_the_uninterrupted_losses(zero_stage, tmp_path):
     assert metrics(run_dir, "val_loss")[STEPS] == metrics(reference, "val_loss")[STEPS]
 
 
-def test_two_ranks_resume_on_one_rank_at_another_zero_stage(tmp_path):
-    """2 ranks at ZeRO-2 save at step 6; 1 rank at ZeRO-1 continues through a universal
-    checkpoint with the same weights and the same global sample order."""
+@pytest.mark.parametrize("saved_stage, resumed_stage", [(2, 1), (2, 3)])
+def test_two_ranks_resume_on_one_rank_at_another_zero_stage(saved_stage, resumed_stage, tmp_path):
+    """2 ranks save at step 6; 1 rank at another ZeRO stage continues through a universal
+    checkpoint with the same weights, optimizer state and global sample order."""
     reference, run_dir = tmp_path / "reference", tmp_path / "resharded"
     common = [f"train.max_steps={STEPS}", "checkpoint.interval=0"]
-    launch("torchrun", reference, *common, "parallel.zero_stage=2")
-    launch("torchrun", run_dir, *common, "parallel.zero_stage=2", "train.exit_at_step=6")
+    launch("torchrun", reference, *common, f"parallel.zero_stage={saved_stage}")
+    launch("torchrun", run_dir, *common, f"parallel.zero_stage={saved_stage}",
+           "train.exit_at_step=6")
     lines_before = metric_lines(run_dir)
-    stdout = launch("python", run_dir, *common, "parallel.zero_stage=1")
-    assert "converting it to a universal checkpoint for dp=1 at ZeRO-1" in stdout
+    stdout = launch("python", run_dir, *common, f"parallel.zero_stage={resumed_stage}")
+    assert (f"converting it to a universal checkpoint for dp=1 at ZeRO-{resumed_stage}"
+            in stdout)
     resumed, expected = metrics(run_dir, "loss", lines_before), metrics(reference, "loss")
     assert sorted(resumed) == list(range(7, STEPS + 1))
-    # Step 7's loss is computed by the restored weights on the next global batch.
+    # Step 7's loss is computed by the restored weights on the next global batch; the later
+    # ones also by the restored Adam state and learning rate.
     for step, loss in resumed.items():
         assert abs(loss - expected[step]) / expected[step] < 1e-6, (step, loss, expected[step])
