@@ -4,7 +4,8 @@ ZeRO 1-3 keep the fp32 master weights flattened and split across the ranks' opti
 DeepSpeed's `zero_to_fp32` knows their padding and alignment rules and is used as is. It loads
 every file with `torch.load(weights_only=False)`, which would run any code a tampered file
 carries, so here those loads are forced to the weights-only unpickler, which accepts tensors,
-containers and the few DeepSpeed classes listed in `DEEPSPEED_SAFE_GLOBALS` and nothing else.
+containers and the few DeepSpeed classes listed in `safe_load.DEEPSPEED_SAFE_GLOBALS` and nothing
+else.
 ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt` (under bf16, with unnamed fp32
 master copies beside them), which loads without any extra class.
 """
@@ -17,23 +18,13 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import torch
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmscale.checkpoint.checkpointer import STATE_FILE
+from llmscale.checkpoint.safe_load import DEEPSPEED_SAFE_GLOBALS
 from llmscale.config.schema import ModelConfig
-
-# What DeepSpeed 0.19's optimizer files pickle besides tensors and builtin containers (found
-# with `torch.serialization.get_unsafe_globals_in_checkpoint` on fp32 and bf16 checkpoints of
-# ZeRO 1-3, with and without CPU offload). All hold plain numbers:
-#   LossScaler, DynamicLossScaler: the loss-scale state (the dynamic one under fp16)
-#   ZeroStageEnum: the ZeRO stage, an IntEnum
-#   fragment_address: (numel, start) of a parameter's slice of a flat partition, a dataclass
-DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 

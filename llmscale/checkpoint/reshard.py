@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llmscale.checkpoint.safe_load import load_deepspeed_file
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
 
@@ -89,7 +90,7 @@ def restore_universal_into_zero3(engine, step_dir: Path) -> None:
     for group_index in range(len(optimizer.fp16_groups)):
         optimizer._reassign_or_swap_out_partitioned_parameters(group_index)
 
-    engine_state = _load_trusted(_model_states_file(step_dir))
+    engine_state = load_deepspeed_file(_model_states_file(step_dir))
     engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
     for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
@@ -99,7 +100,7 @@ def restore_universal_into_zero3(engine, step_dir: Path) -> None:
 
 
 def _universal_tensor(path: Path):
-    value = _load_trusted(path)
+    value = load_deepspeed_file(path)
     return value["param"] if isinstance(value, dict) else value
 
 
@@ -107,11 +108,3 @@ def _model_states_file(step_dir: Path) -> Path:
     """Rank 0's engine state: `mp_rank_00_model_states.pt` (ZeRO 1-2) or
     `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3)."""
     return sorted(step_dir.glob("*mp_rank_00_model_states.pt"))[0]
-
-
-def _load_trusted(path: Path):
-    """DeepSpeed's own files, written by this run's checkpoints: DeepSpeed itself loads them
-    with pickle."""
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)
