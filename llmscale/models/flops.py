@@ -10,7 +10,7 @@ def _vocab_size(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
-def _layer_matmul_parameters(cfg: ModelConfig) -> int:
+def layer_matmul_parameters(cfg: ModelConfig) -> int:
     d = cfg.hidden_size
     kv_dim = (cfg.num_kv_heads or cfg.num_heads) * (d // cfg.num_heads)
     attention = 2 * d * d + 2 * d * kv_dim  # q, o and k, v
@@ -21,7 +21,7 @@ def _layer_matmul_parameters(cfg: ModelConfig) -> int:
 def count_parameters(cfg: ModelConfig) -> int:
     """Unique parameters of `Llama(cfg)`: a tied lm_head shares the embedding's weight."""
     d, vocab = cfg.hidden_size, _vocab_size(cfg)
-    per_layer = _layer_matmul_parameters(cfg) + 2 * d  # two RMSNorm weights
+    per_layer = layer_matmul_parameters(cfg) + 2 * d  # two RMSNorm weights
     embeddings = vocab * d if cfg.tie_embeddings else 2 * vocab * d
     return cfg.num_layers * per_layer + d + embeddings  # + final norm
 
@@ -35,5 +35,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     lm_head (hidden_size * vocab_size, even when tied); not the embedding lookup, not norms.
     The second term is attention scores and weighted values, with no halving for causality.
     """
-    n_matmul = cfg.num_layers * _layer_matmul_parameters(cfg) + cfg.hidden_size * _vocab_size(cfg)
+    n_matmul = cfg.num_layers * layer_matmul_parameters(cfg) + cfg.hidden_size * _vocab_size(cfg)
     return float(6 * n_matmul + 12 * cfg.num_layers * cfg.hidden_size * seq_len)

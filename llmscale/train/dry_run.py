@@ -4,42 +4,31 @@ import json
 import os
 
 from llmscale.config.load import REPO_ROOT
-from llmscale.config.schema import LLMScaleConfig, Precision
-from llmscale.config.validate import ParallelPlan, validate
+from llmscale.config.schema import LLMScaleConfig
+from llmscale.config.validate import validate
 from llmscale.data import build_tokenizer
 from llmscale.models import count_parameters, flops_per_token
 from llmscale.parallel.deepspeed_config import build_deepspeed_config
+from llmscale.parallel.memory_plan import Recompute, estimate
 from llmscale.train.data_setup import resolve_vocab_size
 
 
-def model_state_bytes_per_device(parameters: int, plan: ParallelPlan, precision: Precision) -> float:
-    """Weights, gradients and AdamW state per device under ZeRO (Rajbhandari et al., 2020):
-    16 bytes a parameter in all (bf16: 2 weight + 2 gradient + 12 fp32 master and moments;
-    fp32: 4 + 4 + 8), of which ZeRO-1 shards the optimizer part, ZeRO-2 also the gradients and
-    ZeRO-3 everything over the data-parallel group. Activations come on top."""
-    weight, grad = (2, 2) if precision == Precision.bf16 else (4, 4)
-    optimizer = 16 - weight - grad
-    shard = parameters / (plan.tp * plan.pp)
-    sharded_by_stage = {
-        0: weight + grad + optimizer,
-        1: weight + grad + optimizer / plan.dp,
-        2: weight + (grad + optimizer) / plan.dp,
-        3: (weight + grad + optimizer) / plan.dp,
-    }
-    return shard * sharded_by_stage[plan.zero_stage]
+def resolve_vocab(cfg: LLMScaleConfig) -> None:
+    """Fill in model.vocab_size from the tokenizer when the config leaves it to it."""
+    if cfg.model.vocab_size is None:
+        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
+        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab)
 
 
 def describe_dry_run(cfg: LLMScaleConfig) -> str:
     model_parallel = cfg.parallel.tp * cfg.parallel.pp
     world_size = int(os.environ.get("WORLD_SIZE", (cfg.parallel.dp or 1) * model_parallel))
     plan = validate(cfg, world_size)
-    if cfg.model.vocab_size is None:
-        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
-        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab)
+    resolve_vocab(cfg)
     parameters = count_parameters(cfg.model)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    states = model_state_bytes_per_device(parameters, plan, cfg.train.precision)
+    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, Recompute.none)
     lines = [
         f"experiment {cfg.name}: model {cfg.model.name}, {parameters:,} parameters "
         f"({parameters / 1e9:.2f}B)",
@@ -48,8 +37,11 @@ def describe_dry_run(cfg: LLMScaleConfig) -> str:
         f"  tokens per step: {tokens_per_step:,}; over {cfg.train.max_steps:,} steps: "
         f"{tokens_per_step * cfg.train.max_steps:,} tokens, "
         f"{per_token * tokens_per_step * cfg.train.max_steps:.3g} FLOPs",
-        f"  model states per device ({cfg.train.precision.value}, ZeRO-{plan.zero_stage}): "
-        f"{_human_bytes(states)}, before activations",
+        f"  memory per device ({cfg.train.precision.value}, ZeRO-{plan.zero_stage}, no "
+        f"recompute; pipeline stage {memory.stage}): weights {_human_bytes(memory.parameters)}, "
+        f"gradients {_human_bytes(memory.gradients)}, optimizer "
+        f"{_human_bytes(memory.optimizer)}, activations {_human_bytes(memory.activations)}, "
+        f"total {_human_bytes(memory.total)} (tools/plan.py compares plans)",
         "  DeepSpeed config: " + json.dumps(build_deepspeed_config(cfg, plan)),
     ]
     return "\n".join(lines)

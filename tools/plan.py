@@ -1,0 +1,93 @@
+"""Memory per device of the config's parallel plan, and the plans that fit the devices.
+
+    python tools/plan.py +exp=70b [key=value ...] --world-size 512 --gpu-memory 80
+        [--activation-checkpointing none|selective|full]
+
+Hydra overrides come first. Prints the plan the config resolves to at --world-size ranks with
+its weights, gradients, optimizer state and activations per device (llmscale/parallel/
+memory_plan.py says how each is estimated), whether it fits --gpu-memory GiB less a 10% margin,
+then up to 10 plans that fit, cheapest first. Estimates only: not checked against measured runs.
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("llmscale") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmscale.config import load_config, validate  # noqa: E402
+from llmscale.config.load import ConfigError  # noqa: E402
+from llmscale.models import count_parameters  # noqa: E402
+from llmscale.parallel.memory_plan import (  # noqa: E402
+    MARGIN,
+    GiB,
+    MemoryEstimate,
+    Recompute,
+    estimate,
+    fitting_plans,
+)
+from llmscale.train.dry_run import resolve_vocab  # noqa: E402
+
+TOP_PLANS = 10
+COLUMNS = ("parameters", "gradients", "optimizer", "activations", "total")
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in the job")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device")
+    parser.add_argument("--activation-checkpointing", choices=[r.value for r in Recompute],
+                        default=Recompute.none.value,
+                        help="recomputation of the config's plan (default: none)")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [arg for arg in overrides if arg.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.world_size < 1:
+        parser.error(f"--world-size={args.world_size} must be at least 1")
+    if args.gpu_memory <= 0:
+        parser.error(f"--gpu-memory={args.gpu_memory} must be positive (GiB per device)")
+    try:
+        cfg = load_config(overrides)
+        plan = validate(cfg, args.world_size)
+        resolve_vocab(cfg)
+    except ConfigError as error:
+        print(f"plan: error: {error}", file=sys.stderr)
+        return 2
+
+    device_bytes = args.gpu_memory * GiB
+    recompute = Recompute(args.activation_checkpointing)
+    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, recompute)
+    budget = (1 - MARGIN) * args.gpu_memory
+    verdict = "fits" if memory.fits(device_bytes) else "does NOT fit"
+    print(f"experiment {cfg.name}: {count_parameters(cfg.model) / 1e9:.2f}B parameters, "
+          f"seq_len {cfg.data.seq_len}, {cfg.train.precision.value}")
+    print(f"plan: {plan.describe()}, activation checkpointing {recompute.value}")
+    print(f"per device (pipeline stage {memory.stage}, the fullest), GiB:")
+    for name in COLUMNS:
+        print(f"  {name:<12} {getattr(memory, name) / GiB:9.2f}")
+    print(f"  {verdict} in {budget:.1f} of {args.gpu_memory:g} GiB ({MARGIN:.0%} kept for "
+          "allocator fragmentation, workspaces, CUDA context and NCCL buffers)")
+
+    options = fitting_plans(cfg, args.world_size, device_bytes)
+    print(f"\nplans of {args.world_size} ranks that fit {budget:.1f} GiB: {len(options)}; "
+          f"the cheapest {min(len(options), TOP_PLANS)} (smaller tp*pp, then less recompute, "
+          "then lower ZeRO), GiB per device:")
+    if options:
+        print(f"  {'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} {'recompute':<9} "
+              + " ".join(f"{name:>11}" for name in COLUMNS))
+    for option in options[:TOP_PLANS]:
+        p = option.plan
+        print(f"  {p.tp:>3} {p.pp:>3} {p.dp:>4} {p.zero_stage:>4} {option.recompute.value:<9} "
+              + _row(option.estimate))
+    return 0
+
+
+def _row(memory: MemoryEstimate) -> str:
+    return " ".join(f"{getattr(memory, name) / GiB:>11.2f}" for name in COLUMNS)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
