@@ -29,6 +29,7 @@ from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import CheckpointConfig
 from llmscale.config.validate import ParallelPlan
+from llmscale.files import write_text_atomically
 from llmscale.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Checkpointer:
             if final.exists():  # the same step saved again after a relaunch
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _write_atomically(self.checkpoint_dir / LATEST_FILE, final.name)
+            write_text_atomically(self.checkpoint_dir / LATEST_FILE, final.name)
             self._prune(final)
         dist.barrier()
         return final
@@ -204,12 +205,6 @@ class Checkpointer:
         now stands in for."""
         saved_rank = self.rank % record["plan"]["world_size"]
         return step_dir / f"rng_rank{saved_rank:05d}.pt"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _versions() -> dict:

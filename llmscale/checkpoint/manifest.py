@@ -3,9 +3,10 @@ intact checkpoint from a truncated or corrupted one."""
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
+
+from llmscale.files import write_text_atomically
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 16 << 20
@@ -26,9 +27,7 @@ def write_manifest(step_dir: Path) -> None:
         files[str(path.relative_to(step_dir))] = {
             "bytes": path.stat().st_size, "sha256": sha256_of(path)
         }
-    partial = step_dir / f"{MANIFEST_FILE}.partial"
-    partial.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(partial, step_dir / MANIFEST_FILE)
+    write_text_atomically(step_dir / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
 
 
 def manifest_problem(step_dir: Path, checksums: bool) -> Optional[str]:

@@ -11,6 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
 from llmscale.checkpoint.safe_load import load_deepspeed_file
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
@@ -66,9 +69,6 @@ def restore_universal_into_zero3(engine, step_dir: Path) -> None:
     per-parameter setters; its own ZeRO-3 universal loader leaves the Adam state wrong
     (measured with 0.19.8). Covers what `engine.load_checkpoint` would: weights, Adam moments
     and step, LR schedule, the engine's step counters."""
-    import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     zero_dir = step_dir / UNIVERSAL_DIR / "zero"
     optimizer = engine.optimizer
     # torch's AdamW creates its state at the first step; ZeRO-3 needs it before the setters.

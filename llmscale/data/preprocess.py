@@ -37,6 +37,7 @@ from llmscale.data.tokenizer import (
     tokenizer_identity,
     train_sentencepiece_on_lines,
 )
+from llmscale.files import write_text_atomically
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -274,6 +275,4 @@ def _write_metadata(folder: Path, identity: dict, parts: list[TokenizedPart]) ->
 
 
 def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
