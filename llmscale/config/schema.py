@@ -29,6 +29,15 @@ class AnomalyPolicy(str, Enum):
     stop = "stop"
 
 
+class ActivationCheckpointing(str, Enum):
+    # Keep every activation for the backward pass.
+    none = "none"
+    # Keep each decoder layer's input only and recompute the layer in the backward pass.
+    full = "full"
+    # Keep the matmul outputs, recompute the cheap element-wise ops between them.
+    selective = "selective"
+
+
 class LRDecay(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -52,6 +61,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Mixture of experts (Mixtral-style): 0 keeps the dense SwiGLU feed-forward; N > 0 replaces
+    # it in every layer by N SwiGLU experts behind a top-k router.
+    num_experts: int = 0
+    moe_top_k: int = 2
+    # Each expert takes at most capacity_factor x (tokens x top_k / num_experts) tokens of a
+    # micro-batch; the rest are dropped (they pass through the residual only).
+    moe_capacity_factor: float = 1.25
+    # Weight of the load-balancing auxiliary loss added to the language-model loss.
+    moe_aux_loss_coef: float = 0.01
 
 
 @dataclass
@@ -95,6 +113,15 @@ class ParallelConfig:
     dp: Optional[int] = None
     tp: int = 1
     pp: int = 1
+    # Expert parallel: the experts of each MoE layer are split over `ep` data-parallel ranks.
+    ep: int = 1
+    # With tp > 1, shard the activations between the tensor-parallel regions (norms, residual)
+    # along the sequence too (Korthikanti et al.); ignored at tp = 1, as Megatron does.
+    sequence_parallel: bool = False
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    # Micro-batches per pipeline step (pp > 1): sets train.grad_accum_steps, since each
+    # accumulation step is one micro-batch through the pipeline. None: as train.grad_accum_steps.
+    pp_microbatches: Optional[int] = None
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False

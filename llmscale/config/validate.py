@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from llmscale.config.load import ConfigError
-from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import ActivationCheckpointing, AnomalyPolicy, LLMScaleConfig
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,24 @@ class ParallelPlan:
     micro_batch_size: int
     grad_accum_steps: int
     global_batch_size: int
+    ep: int = 1
+    # Resolved: on only where it takes effect (tp > 1).
+    sequence_parallel: bool = False
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp > 1 or self.pp > 1
 
     def describe(self) -> str:
+        extras = "".join((
+            f", ep {self.ep}" if self.ep > 1 else "",
+            ", sequence parallel" if self.sequence_parallel else "",
+            f", {self.activation_checkpointing.value} activation checkpointing"
+            if self.activation_checkpointing is not ActivationCheckpointing.none else "",
+        ))
         return (
-            f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}, "
+            f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}{extras}, "
             f"ZeRO-{self.zero_stage}, global batch {self.global_batch_size} = micro "
             f"{self.micro_batch_size} x accumulation {self.grad_accum_steps} x dp {self.dp}"
         )
@@ -44,9 +58,9 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             errors.append(f"{name}={value} must be positive")
 
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                 "vocab_size", "max_seq_len", "vocab_multiple"):
+                 "vocab_size", "max_seq_len", "vocab_multiple", "moe_top_k"):
         positive(f"model.{name}", getattr(model, name))
-    for name in ("tp", "pp", "dp"):
+    for name in ("tp", "pp", "dp", "ep", "pp_microbatches"):
         positive(f"parallel.{name}", getattr(par, name))
     for name in ("max_steps", "exit_at_step", "micro_batch_size", "global_batch_size",
                  "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
@@ -93,6 +107,25 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
                 f"parallel.tp={par.tp} does not divide {name}={value}: each tensor-parallel rank "
                 f"needs a whole share; use parallel.tp in {_divisors(value)[:8]} or change {name}"
             )
+    if model.vocab_size is not None and model.vocab_size % par.tp:
+        errors.append(
+            f"parallel.tp={par.tp} does not divide model.vocab_size={model.vocab_size}: set "
+            "model.vocab_size=null to pad the tokenizer's vocabulary to a multiple of "
+            "model.vocab_multiple and tp, or round it up yourself"
+        )
+    sequence_parallel = par.sequence_parallel and par.tp > 1
+    if sequence_parallel and data.seq_len % par.tp:
+        errors.append(
+            f"parallel.sequence_parallel=true splits data.seq_len={data.seq_len} over parallel.tp="
+            f"{par.tp} ranks: make data.seq_len a multiple of {par.tp}, or turn it off"
+        )
+    if par.pp > 1 and model.tie_embeddings:
+        errors.append(
+            f"model.tie_embeddings=true shares the embedding with the output layer, which sit on "
+            f"the first and the last of parallel.pp={par.pp} stages: set parallel.pp=1, or "
+            "model.tie_embeddings=false"
+        )
+    errors.extend(_expert_rules(cfg))
     if model.num_layers % par.pp:
         errors.append(
             f"parallel.pp={par.pp} does not divide model.num_layers={model.num_layers}: use "
@@ -154,6 +187,18 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         errors.append("parallel.offload_params=true needs parallel.zero_stage=3")
 
     accum = train.grad_accum_steps
+    if par.pp_microbatches is not None:
+        if accum is not None and accum != par.pp_microbatches:
+            errors.append(
+                f"parallel.pp_microbatches={par.pp_microbatches} and train.grad_accum_steps={accum}"
+                " disagree: each pipeline micro-batch is one accumulation step, so set only one"
+            )
+        accum = par.pp_microbatches
+    if dp is not None and par.ep > 1 and dp % par.ep:
+        errors.append(
+            f"parallel.ep={par.ep} does not divide the data-parallel size {dp}: experts are split "
+            f"over data-parallel ranks; use parallel.ep in {_divisors(dp)}"
+        )
     if dp is not None:
         per_step = train.micro_batch_size * dp
         if accum is None:
@@ -184,7 +229,48 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         micro_batch_size=train.micro_batch_size,
         grad_accum_steps=accum,
         global_batch_size=train.global_batch_size,
+        ep=par.ep,
+        sequence_parallel=sequence_parallel,
+        activation_checkpointing=par.activation_checkpointing,
     )
+
+
+def _expert_rules(cfg: LLMScaleConfig) -> List[str]:
+    model, par = cfg.model, cfg.parallel
+    errors = []
+    if model.num_experts < 0:
+        errors.append(f"model.num_experts={model.num_experts} must be >= 0 (0: a dense model)")
+    if model.num_experts == 0:
+        if par.ep > 1:
+            errors.append(
+                f"parallel.ep={par.ep} splits experts, but the model is dense "
+                "(model.num_experts=0): set parallel.ep=1, or pick an MoE model (model=moe_tiny)"
+            )
+        return errors
+    if model.moe_top_k > model.num_experts:
+        errors.append(
+            f"model.moe_top_k={model.moe_top_k} exceeds model.num_experts={model.num_experts}: "
+            "route each token to at most num_experts experts"
+        )
+    if model.num_experts % par.ep:
+        errors.append(
+            f"parallel.ep={par.ep} does not divide model.num_experts={model.num_experts}: use "
+            f"parallel.ep in {_divisors(model.num_experts)}"
+        )
+    if model.moe_capacity_factor <= 0:
+        errors.append(f"model.moe_capacity_factor={model.moe_capacity_factor} must be positive")
+    if par.tp > 1 or par.pp > 1:
+        errors.append(
+            f"an MoE model (model.num_experts={model.num_experts}) trains with data and expert "
+            f"parallelism only in this build, not with parallel.tp={par.tp} / parallel.pp="
+            f"{par.pp}: set both to 1 and use parallel.ep"
+        )
+    if par.zero_stage == 3:
+        errors.append(
+            "parallel.zero_stage=3 is not supported by DeepSpeed's MoE layers: use "
+            "parallel.zero_stage 0, 1 or 2 with an MoE model"
+        )
+    return errors
 
 
 def _report(errors: List[str]) -> str:

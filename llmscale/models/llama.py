@@ -2,7 +2,11 @@
 
 Parameter names follow Hugging Face `LlamaForCausalLM` exactly and RoPE uses its
 "rotate_half" convention, so a state_dict loads into either model without renaming or
-permuting. Parallelism is applied from outside (`llmscale.parallel`), never in here.
+permuting. Parallelism is applied from outside (`llmscale.parallel`), never in here: it swaps
+the linear layers and the embedding for tensor-parallel ones and `token_losses` for the
+vocabulary-parallel cross-entropy, and cuts the model into pipeline stages along `embed`,
+the layers and `head`. Activations run sequence-first, [seq, batch, hidden], the layout
+Megatron's sequence-parallel regions split along their first dimension.
 """
 
 import math
@@ -15,6 +19,17 @@ from torch import nn
 from llmscale.config.schema import ModelConfig
 
 IGNORE_INDEX = -100
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token losses [S, B] of logits [S, B, V] in fp32; ignored targets give 0."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
+                           ignore_index=IGNORE_INDEX).view(labels.shape)
+
+
+def mean_over_targets(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return token_losses.sum() / targets
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +71,7 @@ class RotaryEmbedding(nn.Module):
             self.sin.copy_(angles.sin())
 
     def forward(self, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [seq_len, head_dim]."""
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.max_seq_len}")
         return self.cos[:seq_len], self.sin[:seq_len]
@@ -83,17 +99,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        # Head counts are inferred (-1): a tensor-parallel rank holds a share of the heads. The
+        # sequence length is read after the projections, which gather a sequence-parallel input.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        seq_len, batch = q.shape[:2]
+        q, k, v = (t.view(seq_len, batch, -1, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
+        cos, sin = rope(seq_len)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # enable_gqa only when needed: with it set, some fused kernels are ruled out.
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        return self.o_proj(out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1))
 
 
 class MLP(nn.Module):
@@ -117,8 +135,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,11 +153,14 @@ class Decoder(nn.Module):
             cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
         )
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] to the residual stream [S, B, H]."""
+        return self.embed_tokens(input_ids.t())
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary_emb(input_ids.shape[1])
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, self.rotary_emb)
         return self.norm(x)
 
 
@@ -159,6 +180,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.model = Decoder(cfg, cfg.vocab_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.token_losses = token_cross_entropy
         self.init_weights()
 
     @torch.no_grad()
@@ -181,13 +203,21 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
         self.model.rotary_emb.reset_buffers()
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last layer's output [S, B, H] to logits [S, B, V]."""
+        return self.lm_head(self.model.norm(hidden))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy of logits [S, B, V] against labels [B, S] (already shifted:
+        labels[b, t] is the target at position t, -100 ignored), computed in fp32."""
+        labels = labels.t()
+        return mean_over_targets(self.token_losses(logits, labels), labels)
+
     def forward(
         self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Logits [B, T, V]; or, given labels (already shifted: labels[b, t] is the target at
-        position t, -100 ignored), the mean token cross-entropy computed in fp32."""
+        """Logits [B, S, V]; or, given labels, the loss (see `loss`)."""
         logits = self.lm_head(self.model(input_ids))
         if labels is None:
-            return logits
-        flat_logits = logits.float().reshape(-1, logits.shape[-1])
-        return F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            return logits.transpose(0, 1)
+        return self.loss(logits, labels)

@@ -28,6 +28,13 @@ def build_deepspeed_config(cfg: LLMScaleConfig, plan: ParallelPlan) -> Dict[str,
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if plan.pp > 1 and plan.tp > 1:
+        # DeepSpeed splits the activations it sends between stages over the tensor-parallel
+        # ranks and gathers them on arrival, assuming every such rank holds the same tensor.
+        # Under sequence parallelism each holds its own slice of the sequence, so each sends it
+        # whole.
+        partitioned = not plan.sequence_parallel
+        config["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
     return _deep_merge(config, cfg.parallel.deepspeed_extra)
 
 

@@ -6,6 +6,7 @@ import torch
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import ParallelPlan
 from llmscale.parallel.deepspeed_config import build_deepspeed_config
+from llmscale.parallel.topology import DeepSpeedGroups
 from llmscale.train.lr_schedule import build_lr_scheduler
 
 
@@ -27,16 +28,6 @@ def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig) -> torch.optim.
     )
 
 
-def require_trainable(plan: ParallelPlan) -> None:
-    """Called before the model is built, so an unsupported plan fails in seconds."""
-    if plan.tp > 1 or plan.pp > 1:
-        raise NotImplementedError(
-            f"parallel.tp={plan.tp}, parallel.pp={plan.pp}: this build trains data-parallel plans "
-            "(ZeRO 0-3) only; tensor and pipeline parallel arrive with the 3D-parallelism work. "
-            "Use dry_run=true to inspect such a plan."
-        )
-
-
 def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan,
                  load_universal: bool = False):
     """`load_universal`: the engine will resume from a universal checkpoint (another layout)."""
@@ -45,8 +36,11 @@ def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan
     config = build_deepspeed_config(cfg, plan)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    # A pipeline module brings its own topology; otherwise tensor parallelism needs DeepSpeed
+    # to take its data-parallel group from Megatron's grid rather than the whole world.
+    mpu = DeepSpeedGroups() if plan.tp > 1 and plan.pp == 1 else None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=mpu,
     )
     if plan.dp == 1 and plan.zero_stage == 0:
         # Without ZeRO, DeepSpeed flattens, all-reduces and copies back every gradient each

@@ -30,7 +30,6 @@ from llmscale.config.load import REPO_ROOT, ConfigError, load_config, to_yaml
 from llmscale.config.schema import ParallelConfig
 from llmscale.config.validate import validate
 from llmscale.parallel.distributed import cpu_threads_per_rank
-from llmscale.parallel.engine import require_trainable
 
 BARE = "bare PyTorch"
 _SHORT_SPEC = re.compile(r"(dp|tp|pp|zero)(\d+)")
@@ -163,8 +162,6 @@ def _compose(plan: str, overrides: List[str], default_world_size: int):
         raise ConfigError(f"the plan runs on {world_size} ranks but this machine has "
                           f"{torch.cuda.device_count()} GPUs")
     resolved = validate(cfg, world_size)
-    if plan != BARE:
-        require_trainable(resolved)
     run = Run(plan, tuple(overrides), world_size, resolved.micro_batch_size,
               resolved.global_batch_size)
     return run, cfg

@@ -1,5 +1,6 @@
 """From the data and tokenizer settings to the train and validation datasets."""
 
+import math
 from pathlib import Path
 from typing import Tuple
 
@@ -17,11 +18,13 @@ from llmscale.data import (
 )
 
 
-def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int) -> int:
-    """The embedding rows: the tokenizer's vocabulary padded to `vocab_multiple`, unless the
-    model fixes its own (which must hold every token id)."""
+def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int, tp: int = 1) -> int:
+    """The embedding rows: the tokenizer's vocabulary padded to a multiple of `vocab_multiple`
+    and of `tp` (each tensor-parallel rank holds an equal share), unless the model fixes its
+    own (which must hold every token id)."""
     if model.vocab_size is None:
-        return -(-tokenizer_vocab_size // model.vocab_multiple) * model.vocab_multiple
+        multiple = math.lcm(model.vocab_multiple, tp)
+        return -(-tokenizer_vocab_size // multiple) * multiple
     if model.vocab_size < tokenizer_vocab_size:
         raise ConfigError(
             f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "

@@ -17,7 +17,7 @@ def resolve_vocab(cfg: LLMScaleConfig) -> None:
     """Fill in model.vocab_size from the tokenizer when the config leaves it to it."""
     if cfg.model.vocab_size is None:
         vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
-        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab)
+        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab, cfg.parallel.tp)
 
 
 def describe_dry_run(cfg: LLMScaleConfig) -> str:

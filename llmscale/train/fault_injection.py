@@ -7,15 +7,16 @@ from typing import Callable, Dict
 import torch
 
 from llmscale.config.schema import TrainConfig
+from llmscale.models.llama import Llama
 
 # Far above any spike_factor a run would use, yet finite: the gradients stay finite too, so only
 # llmscale's own check, not DeepSpeed's overflow check, can keep such a step from updating.
 SPIKE = 100.0
 
 
-def inject_loss_faults(model: torch.nn.Module, cfg: TrainConfig, global_batch_size: int,
+def inject_loss_faults(model: Llama, cfg: TrainConfig, global_batch_size: int,
                        consumed_samples: Callable[[], int]) -> None:
-    """Scales the model's training loss, and so the gradients of its backward, by NaN or by
+    """Scales the model's training loss (`model.loss`, which the pipeline stages call too), and so the gradients of its backward, by NaN or by
     `SPIKE` while the run trains on the chosen global batch of the sample order (1-based). The
     batch, not the step number, is faulty: once a rollback passes over it, it never comes back."""
     factors: Dict[int, float] = {}
@@ -26,8 +27,12 @@ def inject_loss_faults(model: torch.nn.Module, cfg: TrainConfig, global_batch_si
     if not factors:
         return
 
-    def scale(module: torch.nn.Module, args, loss: torch.Tensor):
-        factor = factors.get(consumed_samples()) if module.training else None
-        return None if factor is None else loss * factor
+    loss = model.loss
 
-    model.register_forward_hook(scale)
+    def scaled_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Training steps only: evaluation runs without gradients.
+        factor = factors.get(consumed_samples()) if torch.is_grad_enabled() else None
+        value = loss(logits, labels)
+        return value if factor is None else value * factor
+
+    model.loss = scaled_loss

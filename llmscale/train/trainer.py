@@ -25,7 +25,9 @@ from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.parallel.distributed import init_distributed, read_world_size
-from llmscale.parallel.engine import build_engine, require_trainable
+from llmscale.parallel.engine import build_engine
+from llmscale.parallel.parallelize import parallelize
+from llmscale.parallel.topology import init_model_parallel
 from llmscale.train.anomaly import (
     Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
 )
@@ -57,7 +59,6 @@ def seed_everything(seed: int) -> None:
 def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     # The config and the resume target are checked before any process group starts.
     plan = validate(cfg, read_world_size())
-    require_trainable(plan)
     run_dir = Path(cfg.train.run_dir)
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
@@ -65,10 +66,11 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     init_from = _initial_weights_dir(cfg) if not resume_from else None
 
     ctx = init_distributed(cfg.train.collective_timeout_s)
+    grid = init_model_parallel(plan)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size, plan.tp)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
-    dp_rank, dp_size = ctx.rank, plan.dp
+    dp_rank, dp_size = grid.dp_rank, plan.dp
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
@@ -77,7 +79,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     if init_from:
         load_initial_weights(model, init_from)
     engine = build_engine(
-        model, cfg, plan,
+        parallelize(model, plan), cfg, plan,
         load_universal=bool(resume_source and resume_source.deepspeed_loads_universal),
     )
     config_yaml = to_yaml(cfg)

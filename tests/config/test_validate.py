@@ -196,7 +196,8 @@ def test_unset_kv_heads_is_not_blamed_for_tp() -> None:
 
 def test_every_failing_rule_is_reported_in_one_error() -> None:
     message = config_error(
-        ["data.seq_len=512", "optim.min_lr=0.01", "parallel.zero_stage=5", "parallel.pp=3"],
+        ["data.seq_len=512", "optim.min_lr=0.01", "parallel.zero_stage=5", "parallel.pp=3",
+         "model.tie_embeddings=false"],
         world_size=2,
     )
     problems = message.splitlines()[1:]
@@ -237,10 +238,11 @@ def test_non_positive_values_are_reported_together_before_cross_field_rules() ->
             id="dp-derived-from-world",
         ),
         pytest.param(
-            ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2",
-             "train.global_batch_size=64"], 8,
+            ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+             "parallel.pp_microbatches=16", "train.micro_batch_size=2",
+             "train.global_batch_size=64", "model.tie_embeddings=false"], 8,
             ParallelPlan(world_size=8, dp=2, tp=2, pp=2, zero_stage=1, micro_batch_size=2,
-                         grad_accum_steps=16, global_batch_size=64),
+                         grad_accum_steps=16, global_batch_size=64, sequence_parallel=True),
             id="dp-is-what-tp-pp-leave",
         ),
         pytest.param(

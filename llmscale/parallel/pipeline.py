@@ -1,0 +1,78 @@
+"""Pipeline parallelism: a built `Llama` cut into DeepSpeed `PipelineModule` stages.
+
+The layer list is the model's own pieces, in order: the embedding, one entry per decoder layer,
+then the final norm with the output layer; the loss is the model's. DeepSpeed balances the
+decoder layers over the stages (the embedding joins the first, the head the last) and runs
+1F1B. Stage parameters are named `<index>.<piece>.<name>`; `canonical_name` gives back the
+Hugging Face name, which checkpoint conversion and export use.
+"""
+
+import re
+
+import torch
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from llmscale.config.validate import ParallelPlan
+from llmscale.models.llama import DecoderLayer, Llama, RMSNorm, RotaryEmbedding
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+        self._embed = model.model.embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(input_ids)
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, layer: DecoderLayer, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rope = rope  # registered so that its tables move to the stage's device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, self.rope)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, norm: RMSNorm, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def build_pipeline(model: Llama, plan: ParallelPlan) -> PipelineModule:
+    decoder = model.model
+    stages = [EmbeddingStage(model),
+              *(DecoderStage(layer, decoder.rotary_emb) for layer in decoder.layers),
+              HeadStage(decoder.norm, model.lm_head)]
+    return PipelineModule(
+        layers=stages,
+        topology=PipeModelDataParallelTopology(num_pp=plan.pp, num_mp=plan.tp, num_dp=plan.dp),
+        # Looked up at each call, so that a loss wrapped after the build (fault injection) counts.
+        loss_fn=lambda logits, labels: model.loss(logits, labels),
+        partition_method=f"type:{DecoderStage.__name__}",
+    )
+
+
+_STAGE_PARAMETER = re.compile(r"^(\d+)\.(embed_tokens|layer|norm|lm_head)\.(.+)$")
+
+
+def canonical_name(stage_name: str, num_layers: int) -> str:
+    """`3.layer.mlp.up_proj.weight` -> `model.layers.2.mlp.up_proj.weight`, and so on."""
+    match = _STAGE_PARAMETER.match(stage_name)
+    if not match:
+        raise ValueError(f"{stage_name!r} is not a pipeline-stage parameter name")
+    index, piece, rest = int(match.group(1)), match.group(2), match.group(3)
+    if piece == "layer":
+        return f"model.layers.{index - 1}.{rest}"
+    if piece == "lm_head":
+        return f"lm_head.{rest}"
+    return f"model.{piece}.{rest}"
