@@ -6,7 +6,8 @@
 Hydra overrides come first. Prints the plan the config resolves to at --world-size ranks with
 its weights, gradients, optimizer state and activations per device (llmscale/parallel/
 memory_plan.py says how each is estimated), whether it fits --gpu-memory GiB less a 10% margin,
-then up to 10 plans that fit, cheapest first. Estimates only: not checked against measured runs.
+then up to 10 plans that fit, cheapest first. Estimates, checked against the measured memory of
+small models on CPU (tools/measure_memory.py), not of GPU runs.
 """
 
 import argparse
@@ -19,27 +20,28 @@ if importlib.util.find_spec("llmscale") is None:
 
 from llmscale.config import load_config, validate  # noqa: E402
 from llmscale.config.load import ConfigError  # noqa: E402
+from llmscale.config.schema import ActivationCheckpointing  # noqa: E402
 from llmscale.models import count_parameters  # noqa: E402
 from llmscale.parallel.memory_plan import (  # noqa: E402
     MARGIN,
     GiB,
+    RECOMPUTE_ORDER,
     MemoryEstimate,
-    Recompute,
     estimate,
     fitting_plans,
 )
 from llmscale.train.dry_run import resolve_vocab  # noqa: E402
 
 TOP_PLANS = 10
-COLUMNS = ("parameters", "gradients", "optimizer", "activations", "total")
+COLUMNS = ("parameters", "gradients", "optimizer", "activations", "temporaries", "total")
 
 
 def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in the job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device")
-    parser.add_argument("--activation-checkpointing", choices=[r.value for r in Recompute],
-                        default=Recompute.none.value,
+    parser.add_argument("--activation-checkpointing", choices=[r.value for r in RECOMPUTE_ORDER],
+                        default=ActivationCheckpointing.none.value,
                         help="recomputation of the config's plan (default: none)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [arg for arg in overrides if arg.startswith("-")]
@@ -58,7 +60,7 @@ def main(argv) -> int:
         return 2
 
     device_bytes = args.gpu_memory * GiB
-    recompute = Recompute(args.activation_checkpointing)
+    recompute = ActivationCheckpointing(args.activation_checkpointing)
     memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, recompute)
     budget = (1 - MARGIN) * args.gpu_memory
     verdict = "fits" if memory.fits(device_bytes) else "does NOT fit"
@@ -68,6 +70,8 @@ def main(argv) -> int:
     print(f"per device (pipeline stage {memory.stage}, the fullest), GiB:")
     for name in COLUMNS:
         print(f"  {name:<12} {getattr(memory, name) / GiB:9.2f}")
+    print(f"  (total: the fullest moment of the step, the {memory.moment}; the parts are each "
+          "one's most, which they do not all reach at once)")
     print(f"  {verdict} in {budget:.1f} of {args.gpu_memory:g} GiB ({MARGIN:.0%} kept for "
           "allocator fragmentation, workspaces, CUDA context and NCCL buffers)")
 

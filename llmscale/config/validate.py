@@ -181,6 +181,12 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"parallel.zero_stage={par.zero_stage} cannot shard gradients across pipeline stages "
             f"(parallel.pp={par.pp}): use parallel.zero_stage=1 with pipeline parallelism"
         )
+    elif par.zero_stage == 0 and par.pp > 1 and optim.clip_grad > 0:
+        errors.append(
+            f"parallel.zero_stage=0 with parallel.pp={par.pp} would clip gradients by the wrong "
+            "norm (DeepSpeed's stage-0 clipping counts the first pipeline stage's weights only): "
+            "use parallel.zero_stage=1, or optim.clip_grad=0"
+        )
     if par.offload_optimizer and par.zero_stage == 0:
         errors.append("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
     if par.offload_params and par.zero_stage != 3:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmscale.config.schema import ModelConfig
+from llmscale.models.moe import MoEFeedForward
 
 IGNORE_INDEX = -100
 
@@ -133,7 +134,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEFeedForward(cfg) if cfg.num_experts else MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope)
@@ -209,9 +210,15 @@ class Llama(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of logits [S, B, V] against labels [B, S] (already shifted:
-        labels[b, t] is the target at position t, -100 ignored), computed in fp32."""
+        labels[b, t] is the target at position t, -100 ignored), computed in fp32; in training,
+        plus the MoE layers' load-balancing loss."""
         labels = labels.t()
-        return mean_over_targets(self.token_losses(logits, labels), labels)
+        loss = mean_over_targets(self.token_losses(logits, labels), labels)
+        if self.cfg.num_experts and self.training:
+            # Evaluation reports the language-model loss alone.
+            aux_losses = [layer.mlp.aux_loss for layer in self.model.layers]
+            loss = loss + self.cfg.moe_aux_loss_coef * torch.stack(aux_losses).sum()
+        return loss
 
     def forward(
         self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None

@@ -2,6 +2,7 @@
 
 import deepspeed
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import ParallelPlan
@@ -17,11 +18,16 @@ def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig) -> torch.optim.
     selects FusedAdam, which JIT-compiles for minutes on CPU."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.model.num_experts:
+        # Expert weights get groups of their own: DeepSpeed reduces their gradients over the
+        # ranks holding the same experts, not the whole data-parallel group.
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
+        groups,
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,

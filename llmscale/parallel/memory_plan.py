@@ -9,29 +9,60 @@ replicated); pipeline parallelism gives each stage num_layers / pp layers, the f
 embedding and the last the final norm and lm_head (a tied lm_head is a second copy there, as in
 Megatron, since the two ends sit on different devices).
 
-Activations follow Korthikanti et al., 2022, "Reducing Activation Recomputation in Large
-Transformer Models", in 16-bit (doubled for fp32 training). Per layer and micro-batch of b
-sequences of length s, hidden size h, a heads:
-  no recompute   s*b*h*(34 + 5*a*s/h)
-  selective      s*b*h*34      (attention scores/softmax recomputed, the 5*a*s/h term)
-  full           2*s*b*h       (only each layer's input kept)
-each divided by tp, assuming tensor parallelism runs with sequence parallelism. The output
-layer and loss add 4*s*b*h*(1 + v/h) / tp on the last stage. Under 1F1B the stage i of pp holds
-pp - i micro-batches in flight, so the first stage holds pp of them.
+Activations are what autograd saves in llmscale's Llama layer (llmscale/models/llama.py),
+counted tensor by tensor, in bytes per token with e bytes per element (2 in bf16, 4 in fp32),
+hidden size h, KV width kv = kv_heads * head_dim, intermediate size i, a heads:
+  each RMSNorm (two a layer)  its input in fp32 (4h; in fp32 training, the input itself),
+                              1/rms (4) and the normalised input (e*h)
+  q/k/v and gate/up inputs    the norms' outputs, e*h each
+  attention                   q and k after RoPE, v (e*(h + 2kv)); the output (e*h, which is
+                              also o_proj's input: same storage); the logsumexp (4a). SDPA's
+                              flash kernels never keep the s x s scores, so no 5*a*s/h term.
+  SwiGLU                      gate output, its SiLU, up output and their product (4e*i)
+  per layer                   none       (8 + 6e)*h + 2e*kv + 4e*i + 4a + 8
+                              selective  the layer input, the matmul outputs (q, k, v, o, gate,
+                                         up, down) and attention's: e*(5h + 2kv + 2i) + 4a
+                              full       the layer input: e*h
+The norms and the projections' inputs sit in the sequence-parallel region, divided by tp only
+with sequence parallelism; the rest is split over heads or i, always divided by tp. The last
+stage adds the final norm, lm_head's input and the cross-entropy's fp32 log-probabilities
+(4V/tp). Under 1F1B the stage i of pp holds pp - i micro-batches in flight, so the first stage
+holds pp of them (Korthikanti et al., 2022, whose GPT-3 formula s*b*h*(34 + 5*a*s/h) this
+replaces: it counts dropout masks and attention scores our layer does not keep, and neither
+SwiGLU's four i-wide tensors nor the fp32 norm inputs it does).
 
-The paper's formula is for GPT-3-shaped layers (4h MLP, dropout, scores materialised); for Llama
-(SwiGLU, no dropout, GQA) it is an approximation. Not covered, and left to the margin: the
-CUDA context, NCCL buffers, ZeRO-3's gathered layers and prefetch, temporary buffers of the
-backward pass and allocator fragmentation. The estimates have not been checked against
-measured memory of real runs.
+The step is fullest at one of three moments, and `total` is the fullest, not the sum of the
+parts (the gradients, the activations and the temporaries peak at different times):
+  backward start  all activations plus the loss's two fp32 [tokens, V/tp] gradient buffers or a
+                  layer's backward buffers; the gradients only if earlier micro-batches of the
+                  step accumulated them (plain torch and DeepSpeed ZeRO-0 free them every step)
+  backward end    all gradients, the first layer's activations, a layer's backward buffers
+  optimizer step  all gradients and AdamW's temporary (torch's foreach AdamW, the GPU
+                  default, allocates sqrt(v) for every parameter it steps: 4 bytes each)
+A layer's backward buffers are what checkpointing recomputes (the none layer less what the mode
+kept) and SwiGLU's backward: the gradients of its two factors and of the layer output,
+(2e*i + e*h) per token.
+
+Checked against measurement (tools/measure_memory.py; tests/parallel/test_memory_measured.py):
+the peak bytes of live tensors of a CPU training step in fp32 with torch AdamW, for 1-8 layer
+models with h 128-512, seq 128-512, micro-batch 2-8 and each checkpointing mode, are within
+WORST_MEASURED_ERROR of the estimate; the bf16 activations match to the byte's percent.
+Not covered, and left to the margin: the CUDA context, NCCL buffers, DeepSpeed's own buffers
+(ZeRO-2/3 buckets, BF16_Optimizer's fp32 gradients), ZeRO-3's gathered layers and prefetch,
+MoE routing buffers (an MoE layer counts as a SwiGLU of top_k * capacity_factor * i), cuBLAS
+workspaces and allocator fragmentation.
 """
 
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import List
 
 from llmscale.config.load import ConfigError
-from llmscale.config.schema import LLMScaleConfig, ModelConfig, Precision
+from llmscale.config.schema import (
+    ActivationCheckpointing,
+    LLMScaleConfig,
+    ModelConfig,
+    Precision,
+)
 from llmscale.config.validate import ParallelPlan, validate
 from llmscale.models.flops import layer_matmul_parameters
 
@@ -40,27 +71,27 @@ GiB = 1024**3
 # 10% is the headroom commonly left for allocator fragmentation and workspaces.
 MARGIN = 0.10
 MAX_TP = 8  # one node's NVLink domain; beyond it tensor parallelism crosses the network
-
-
-class Recompute(str, Enum):
-    none = "none"
-    selective = "selective"
-    full = "full"
+ADAMW_TEMPORARY_BYTES = 4  # foreach AdamW's sqrt(exp_avg_sq), fp32, per parameter it steps
+# Least recomputation first.
+RECOMPUTE_ORDER = (ActivationCheckpointing.none, ActivationCheckpointing.selective,
+                   ActivationCheckpointing.full)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes on the device that needs the most: the first or the last pipeline stage."""
+    """Bytes on the device that needs the most: the first or the last pipeline stage.
+
+    The parts are the most of each kind at any time of the step; `total` is the most at one
+    moment, `moment` names it (see the module docstring)."""
 
     stage: int
     parameters: float
     gradients: float
     optimizer: float
-    activations: float
-
-    @property
-    def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+    activations: float  # saved for the backward pass by every micro-batch in flight
+    temporaries: float  # the largest short-lived buffers: the backward's or AdamW's
+    total: float
+    moment: str
 
     def fits(self, device_bytes: float) -> bool:
         return self.total <= (1 - MARGIN) * device_bytes
@@ -69,7 +100,7 @@ class MemoryEstimate:
 @dataclass(frozen=True)
 class PlanOption:
     plan: ParallelPlan
-    recompute: Recompute
+    recompute: ActivationCheckpointing
     estimate: MemoryEstimate
 
 
@@ -88,41 +119,117 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
     return count
 
 
+def activation_bytes_per_element(precision: Precision) -> int:
+    return 4 if precision == Precision.fp32 else 2
+
+
+def _widths(model: ModelConfig):
+    h = model.hidden_size
+    kv = (model.num_kv_heads or model.num_heads) * (h // model.num_heads)
+    intermediate = model.intermediate_size
+    if model.num_experts:  # each token's SwiGLU activations in its top-k experts, up to capacity
+        intermediate *= model.moe_top_k * model.moe_capacity_factor
+    return h, kv, intermediate, model.num_heads
+
+
 def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int,
-                           recompute: Recompute) -> float:
-    """16-bit activations one layer keeps for backward, per micro-batch (Korthikanti et al.)."""
-    sbh = seq_len * micro_batch * model.hidden_size
-    if recompute == Recompute.full:
-        return 2 * sbh / tp
-    per_element = 34.0
-    if recompute == Recompute.none:
-        per_element += 5 * model.num_heads * seq_len / model.hidden_size
-    return sbh * per_element / tp
+                           recompute: ActivationCheckpointing, precision: Precision,
+                           sequence_parallel: bool = True) -> float:
+    """Bytes one decoder layer saves for its backward pass, per micro-batch and tensor-parallel
+    rank (the module docstring lists the tensors)."""
+    e = activation_bytes_per_element(precision)
+    h, kv, i, a = _widths(model)
+    sp = tp if sequence_parallel else 1
+    if recompute == ActivationCheckpointing.full:
+        sequence_region, tensor_region = e * h, 0.0
+    elif recompute == ActivationCheckpointing.selective:
+        sequence_region = e * h  # the layer input
+        tensor_region = e * (3 * h + 2 * kv + 2 * i) + e * h + 4 * a  # matmuls, attention
+    else:
+        norms = 2 * ((4 + e) * h + 4)
+        projection_inputs = 2 * e * h
+        sequence_region = norms + projection_inputs
+        attention = e * (h + 2 * kv) + e * h + 4 * a
+        tensor_region = attention + 4 * e * i
+    return seq_len * micro_batch * (sequence_region / sp + tensor_region / tp)
+
+
+def output_layer_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int,
+                       precision: Precision, sequence_parallel: bool = True) -> float:
+    """Bytes the last stage's final norm, lm_head and loss save, per micro-batch."""
+    e = activation_bytes_per_element(precision)
+    h = model.hidden_size
+    sp = tp if sequence_parallel else 1
+    norm_and_lm_head_input = (4 + e) * h + 4 + e * h
+    return seq_len * micro_batch * (norm_and_lm_head_input / sp + 4 * model.vocab_size / tp)
+
+
+def loss_backward_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int) -> float:
+    """The gradients of the fp32 log-probabilities and logits at the start of the backward."""
+    return seq_len * micro_batch * 2 * 4 * model.vocab_size / tp
+
+
+def layer_backward_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp: int,
+                         recompute: ActivationCheckpointing, precision: Precision,
+                         sequence_parallel: bool = True) -> float:
+    """Short-lived buffers of one layer's backward: what checkpointing recomputes, and the
+    SwiGLU backward's gradients of its two factors and of the layer output."""
+    args = (model, seq_len, micro_batch, tp)
+    recomputed = (layer_activation_bytes(*args, ActivationCheckpointing.none, precision,
+                                         sequence_parallel)
+                  - layer_activation_bytes(*args, recompute, precision, sequence_parallel))
+    e = activation_bytes_per_element(precision)
+    h, _, i, _ = _widths(model)
+    sp = tp if sequence_parallel else 1
+    return recomputed + seq_len * micro_batch * (2 * e * i / tp + e * h / sp)
 
 
 def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Precision,
-             recompute: Recompute) -> MemoryEstimate:
+             recompute: ActivationCheckpointing) -> MemoryEstimate:
     """Memory of the first and the last pipeline stage; returns the larger."""
     weight, grad = (2, 2) if precision == Precision.bf16 else (4, 4)
     optimizer = 16 - weight - grad
-    dp, zero = plan.dp, plan.zero_stage
-    activation_scale = 2 if precision == Precision.fp32 else 1
-    layer = layer_activation_bytes(model, seq_len, plan.micro_batch_size, plan.tp, recompute)
-    sbh = seq_len * plan.micro_batch_size * model.hidden_size
-    output_layer = 4 * sbh * (1 + model.vocab_size / model.hidden_size) / plan.tp
+    dp, zero, tp = plan.dp, plan.zero_stage, plan.tp
+    shape = (model, seq_len, plan.micro_batch_size, tp)
+    sp = plan.sequence_parallel
+    layers = model.num_layers // plan.pp
+    layer = layer_activation_bytes(*shape, recompute, precision, sp)
+    layer_backward = layer_backward_bytes(*shape, recompute, precision, sp)
+    # Gradients already exist when the backward pass starts if an earlier micro-batch of the
+    # step made them (accumulation, and every pipeline schedule); else it allocates them as it
+    # frees the activations.
+    accumulating = plan.grad_accum_steps > 1
     estimates = []
     for stage in sorted({0, plan.pp - 1}):
-        params = stage_parameters(model, plan.tp, plan.pp, stage)
-        in_flight = plan.pp - stage
-        activations = model.num_layers // plan.pp * layer * in_flight
+        params = stage_parameters(model, tp, plan.pp, stage)
+        states = (params * weight / (dp if zero >= 3 else 1),
+                  params * grad / (dp if zero >= 2 else 1),
+                  params * optimizer / (dp if zero >= 1 else 1))
+        gradients = states[1]
+        per_micro_batch = layers * layer
+        backward_buffers = layer_backward
         if stage == plan.pp - 1:
-            activations += output_layer
+            per_micro_batch += output_layer_bytes(*shape, precision, sp)
+            backward_buffers = max(backward_buffers, loss_backward_bytes(*shape))
+        in_flight = plan.pp - stage
+        activations = per_micro_batch * in_flight
+        optimizer_buffers = ADAMW_TEMPORARY_BYTES * params / (dp if zero >= 1 else 1)
+        moments = {
+            "backward start": activations + backward_buffers + (gradients if accumulating else 0),
+            "backward end": ((in_flight - 1) * per_micro_batch + layer + layer_backward
+                             + gradients),
+            "optimizer step": gradients + optimizer_buffers,
+        }
+        moment = max(moments, key=moments.get)
         estimates.append(MemoryEstimate(
             stage=stage,
-            parameters=params * weight / (dp if zero >= 3 else 1),
-            gradients=params * grad / (dp if zero >= 2 else 1),
-            optimizer=params * optimizer / (dp if zero >= 1 else 1),
-            activations=activations * activation_scale,
+            parameters=states[0],
+            gradients=gradients,
+            optimizer=states[2],
+            activations=activations,
+            temporaries=max(backward_buffers, optimizer_buffers),
+            total=states[0] + states[2] + moments[moment],
+            moment=moment,
         ))
     return max(estimates, key=lambda e: e.total)
 
@@ -131,15 +238,17 @@ def _cost(option: PlanOption) -> tuple:
     """Cheaper first: less model parallelism (communication, pipeline bubble), then less
     recomputation, then a lower ZeRO stage (less communication), then pipeline over tensor
     parallelism at equal product (tensor parallelism communicates every layer)."""
-    recompute_rank = list(Recompute).index(option.recompute)
+    recompute_rank = RECOMPUTE_ORDER.index(option.recompute)
     plan = option.plan
     return (plan.tp * plan.pp, recompute_rank, plan.zero_stage, plan.tp)
+
 
 
 def fitting_plans(cfg: LLMScaleConfig, world_size: int, device_bytes: float) -> List[PlanOption]:
     """Plans of `world_size` ranks that fit `device_bytes`, cheapest first. Every candidate goes
     through `validate`, so the rules a real launch enforces (divisibility, ZeRO-2/3 without
-    pipeline, batch arithmetic) decide which exist."""
+    pipeline, batch arithmetic) decide which exist. Candidates keep the config's
+    sequence-parallel setting."""
     model = cfg.model
     pipeline_sizes = [pp for pp in range(1, model.num_layers + 1) if model.num_layers % pp == 0]
     options = []
@@ -151,7 +260,7 @@ def fitting_plans(cfg: LLMScaleConfig, world_size: int, device_bytes: float) -> 
                     plan = validate(replace(cfg, parallel=parallel), world_size)
                 except ConfigError:
                     continue
-                for recompute in Recompute:
+                for recompute in RECOMPUTE_ORDER:
                     memory = estimate(model, plan, cfg.data.seq_len, cfg.train.precision,
                                       recompute)
                     if memory.fits(device_bytes):

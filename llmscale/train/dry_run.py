@@ -4,12 +4,12 @@ import json
 import os
 
 from llmscale.config.load import REPO_ROOT
-from llmscale.config.schema import LLMScaleConfig
+from llmscale.config.schema import ActivationCheckpointing, LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import build_tokenizer
 from llmscale.models import count_parameters, flops_per_token
 from llmscale.parallel.deepspeed_config import build_deepspeed_config
-from llmscale.parallel.memory_plan import Recompute, estimate
+from llmscale.parallel.memory_plan import estimate
 from llmscale.train.data_setup import resolve_vocab_size
 
 
@@ -28,7 +28,8 @@ def describe_dry_run(cfg: LLMScaleConfig) -> str:
     parameters = count_parameters(cfg.model)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, Recompute.none)
+    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision,
+                      ActivationCheckpointing.none)
     lines = [
         f"experiment {cfg.name}: model {cfg.model.name}, {parameters:,} parameters "
         f"({parameters / 1e9:.2f}B)",

@@ -24,6 +24,7 @@ from llmscale.config.validate import ParallelPlan, validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
+from llmscale.models.moe import router_metrics
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine
 from llmscale.parallel.parallelize import parallelize
@@ -135,7 +136,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         state.consumed_tokens += tokens_per_step
         log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
              "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds),
-             **peak_memory_metrics(ctx.device),
+             **peak_memory_metrics(ctx.device), **router_metrics(model),
              **(anomaly.record() if anomaly else {})})
         if anomaly:
             if anomaly.action is AnomalyPolicy.stop:
