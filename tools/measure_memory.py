@@ -39,7 +39,7 @@ MODES = list(ActivationCheckpointing)
 MATRIX = (
     [(TINY, 256, 8, mode, Precision.fp32) for mode in MODES]
     + [(SMALL, 512, 4, mode, Precision.fp32) for mode in MODES]
-    + [(TINY, 512, 4, mode, Precision.fp32) for mode in MODES]
+    + [(TINY, 512, 8, mode, Precision.fp32) for mode in MODES]
     + [(SMALL, 128, 8, mode, Precision.fp32) for mode in MODES]
     + [(WIDE, 256, 4, mode, Precision.fp32) for mode in MODES]
     + [(DEEP, 256, 2, mode, Precision.fp32) for mode in MODES]

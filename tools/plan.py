@@ -4,8 +4,8 @@
         [--activation-checkpointing none|selective|full]
 
 Hydra overrides come first. Prints the plan the config resolves to at --world-size ranks with
-its weights, gradients, optimizer state and activations per device (llmscale/parallel/
-memory_plan.py says how each is estimated), whether it fits --gpu-memory GiB less a 10% margin,
+its weights, gradients, optimizer state, activations, temporaries and the fullest moment of the
+step per device (llmscale/parallel/memory_plan.py says how each is estimated), whether it fits --gpu-memory GiB less a 10% margin,
 then up to 10 plans that fit, cheapest first. Estimates, checked against the measured memory of
 small models on CPU (tools/measure_memory.py), not of GPU runs.
 """
@@ -13,6 +13,7 @@ small models on CPU (tools/measure_memory.py), not of GPU runs.
 import argparse
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if importlib.util.find_spec("llmscale") is None:
@@ -41,8 +42,8 @@ def main(argv) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in the job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device")
     parser.add_argument("--activation-checkpointing", choices=[r.value for r in RECOMPUTE_ORDER],
-                        default=ActivationCheckpointing.none.value,
-                        help="recomputation of the config's plan (default: none)")
+                        help="recomputation of the config's plan (default: the config's "
+                        "parallel.activation_checkpointing)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [arg for arg in overrides if arg.startswith("-")]
     if unknown:
@@ -60,13 +61,15 @@ def main(argv) -> int:
         return 2
 
     device_bytes = args.gpu_memory * GiB
-    recompute = ActivationCheckpointing(args.activation_checkpointing)
+    recompute = (ActivationCheckpointing(args.activation_checkpointing)
+                 if args.activation_checkpointing else plan.activation_checkpointing)
     memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, recompute)
     budget = (1 - MARGIN) * args.gpu_memory
     verdict = "fits" if memory.fits(device_bytes) else "does NOT fit"
     print(f"experiment {cfg.name}: {count_parameters(cfg.model) / 1e9:.2f}B parameters, "
           f"seq_len {cfg.data.seq_len}, {cfg.train.precision.value}")
-    print(f"plan: {plan.describe()}, activation checkpointing {recompute.value}")
+    described = replace(plan, activation_checkpointing=ActivationCheckpointing.none).describe()
+    print(f"plan: {described}, activation checkpointing {recompute.value}")
     print(f"per device (pipeline stage {memory.stage}, the fullest), GiB:")
     for name in COLUMNS:
         print(f"  {name:<12} {getattr(memory, name) / GiB:9.2f}")

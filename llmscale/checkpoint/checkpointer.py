@@ -22,8 +22,7 @@ import torch.distributed as dist
 
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import (
-    UNIVERSAL_DIR, check_reshardable, convert_to_universal, needs_universal,
-    restore_universal_into_zero3,
+    UNIVERSAL_INFO, check_reshardable, convert_to_universal, needs_universal, restore_universal,
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.config.load import ConfigError
@@ -97,23 +96,13 @@ def resolve_resume(resume: str, checkpoint_dir: Path, checksums: bool = True) ->
 
 @dataclass(frozen=True)
 class ResumeSource:
-    """Where DeepSpeed loads the engine state from: the step folder itself, or its universal
-    conversion when the data-parallel layout changed."""
+    """Where the engine state comes from: the step folder itself, loaded by DeepSpeed, or its
+    universal conversion when the parallel layout changed (`saved_pp`: the pipeline size it
+    was saved with, which names its parameters)."""
 
     step_dir: Path
     universal: bool
-    into_zero3: bool = False
-
-    @property
-    def deepspeed_loads_universal(self) -> bool:
-        """DeepSpeed's universal loader serves ZeRO 1-2; llmscale restores ZeRO-3 itself."""
-        return self.universal and not self.into_zero3
-
-    @property
-    def load_dir_and_tag(self):
-        if self.universal:
-            return str(self.step_dir), UNIVERSAL_DIR
-        return str(self.step_dir.parent), self.step_dir.name
+    saved_pp: int = 1
 
 
 def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSource:
@@ -124,12 +113,13 @@ def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSourc
         return ResumeSource(step_dir, universal=False)
     check_reshardable(step_dir, saved_plan, plan)
     if rank == 0:
-        print(f"llmscale: {step_dir} was saved with dp={saved_plan['dp']} at ZeRO-"
-              f"{saved_plan['zero_stage']}; converting it to a universal checkpoint for dp="
-              f"{plan.dp} at ZeRO-{plan.zero_stage}")
+        print(f"llmscale: {step_dir} was saved with dp={saved_plan['dp']}, tp={saved_plan['tp']}"
+              f", pp={saved_plan['pp']} at ZeRO-{saved_plan['zero_stage']}; converting it to a "
+              f"universal checkpoint for dp={plan.dp}, tp={plan.tp}, pp={plan.pp} at ZeRO-"
+              f"{plan.zero_stage}")
         convert_to_universal(step_dir)
     dist.barrier()
-    return ResumeSource(step_dir, universal=True, into_zero3=plan.zero_stage == 3)
+    return ResumeSource(step_dir, universal=True, saved_pp=saved_plan["pp"])
 
 
 class Checkpointer:
@@ -142,22 +132,14 @@ class Checkpointer:
         self.config_yaml = config_yaml
 
     def save(self, engine, state: TrainState) -> Path:
-        from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        )
-
         final = self.checkpoint_dir / step_dir_name(state.step)
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
-        # The universal-checkpoint marker lets `ds_to_universal` convert this save later.
-        engine.save_checkpoint(
-            str(self.checkpoint_dir), tag=partial.name, save_latest=False,
-            client_state={UNIVERSAL_CHECKPOINT_INFO: {
-                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
-        )
+        # The universal-checkpoint info lets `ds_to_universal` convert this save later.
+        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False,
+                               client_state=UNIVERSAL_INFO)
         torch.save(capture_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -188,12 +170,12 @@ class Checkpointer:
 
     def load(self, engine, source: ResumeSource) -> TrainState:
         record = json.loads((source.step_dir / STATE_FILE).read_text())
-        if source.into_zero3:
-            restore_universal_into_zero3(engine, source.step_dir)
+        if source.universal:
+            restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
         else:
-            load_dir, tag = source.load_dir_and_tag
             loaded, _ = engine.load_checkpoint(
-                load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                str(source.step_dir.parent), tag=source.step_dir.name,
+                load_optimizer_states=True, load_lr_scheduler_states=True,
             )
             if loaded is None:
                 raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")

@@ -23,10 +23,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmscale.checkpoint.checkpointer import STATE_FILE
+from llmscale.checkpoint.reshard import (
+    universal_tensor, convert_to_universal, universal_parameter_dirs,
+)
 from llmscale.checkpoint.safe_load import DEEPSPEED_SAFE_GLOBALS
 from llmscale.config.schema import ModelConfig
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
@@ -35,8 +39,10 @@ def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no such checkpoint folder")
-    _refuse_model_parallel(step_dir)
-    if any(step_dir.glob("*_optim_states.pt")):
+    plan = _saved_plan(step_dir)
+    if plan.get("tp", 1) > 1 or plan.get("pp", 1) > 1:
+        weights = _from_model_parallel(step_dir, plan)
+    elif any(step_dir.glob("*_optim_states.pt")):
         weights = _from_zero_partitions(step_dir)
     elif (step_dir / ZERO0_MODEL_FILE).is_file():
         weights = _from_zero0_model_states(step_dir / ZERO0_MODEL_FILE)
@@ -63,18 +69,27 @@ def model_config_of(step_dir: Path) -> ModelConfig:
                          ) from None
 
 
-def _refuse_model_parallel(step_dir: Path) -> None:
-    """zero_to_fp32 merges data-parallel shards only; tensor or pipeline shards would come out
-    as pieces of parameters."""
+def _saved_plan(step_dir: Path) -> dict:
     state_file = step_dir / STATE_FILE
-    if not state_file.is_file():
-        return
-    plan = json.loads(state_file.read_text()).get("plan", {})
-    if plan.get("tp", 1) > 1 or plan.get("pp", 1) > 1:
-        raise NotImplementedError(
-            f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']}: consolidating tensor- "
-            "or pipeline-parallel checkpoints is not supported yet"
+    return json.loads(state_file.read_text()).get("plan", {}) if state_file.is_file() else {}
+
+
+def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
+    """Tensor shards and pipeline stages merged by DeepSpeed's universal conversion (cached in
+    the step folder, as a resume on another layout does)."""
+    if plan["zero_stage"] == 0:
+        raise ValueError(
+            f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']} at ZeRO-0, whose "
+            "optimizer files DeepSpeed's universal conversion cannot read; consolidating it is "
+            "not supported. Train with parallel.zero_stage=1 to export tensor- or "
+            "pipeline-parallel runs"
         )
+    convert_to_universal(step_dir)
+    weights = {name: universal_tensor(folder / "fp32.pt")
+               for name, folder in universal_parameter_dirs(step_dir, plan["pp"]).items()}
+    if model_config_of(step_dir).tie_embeddings:
+        weights[TIED_HEAD] = weights[TIED_EMBEDDING]
+    return weights
 
 
 def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:

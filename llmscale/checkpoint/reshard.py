@@ -1,49 +1,79 @@
-"""Resume on another data-parallel layout through DeepSpeed's universal checkpoint.
+"""Resume on another parallel layout (data-parallel size, ZeRO stage, tensor and pipeline
+sizes) through DeepSpeed's universal checkpoint.
 
 A ZeRO checkpoint stores each rank's slice of the flattened optimizer state, so it loads only
-into the same number of ranks at the same stage. DeepSpeed's `ds_to_universal` rewrites it as
-one file per parameter (weights and Adam moments), which any DP size and ZeRO stage loads:
-stages 1-2 through DeepSpeed's universal loader, stage 3 through `restore_universal_into_zero3`.
+into the same layout. DeepSpeed's `ds_to_universal` rewrites it as one folder per parameter
+(fp32 weight, Adam moments, step), merging data-parallel slices and, by the patterns saved with
+each checkpoint (`universal_checkpoint_info`), tensor-parallel shards: row-parallel weights
+along their input dimension, norms kept once, everything else along the output dimension.
+Folders of a pipeline-parallel save carry stage names (`3.layer.mlp.up_proj.weight`), which
+map back to the model's own names. `restore_universal` then hands every rank its share of each
+parameter through DeepSpeed's per-parameter setters, for ZeRO 1, 2 and 3 alike. (DeepSpeed's
+own universal loader needs the parameter names of both layouts to agree, which a pipeline does
+not give, and at ZeRO-3 it leaves the Adam state wrong, measured with 0.19.8.)
 The conversion is cached in the step folder, beside the files the manifest covers."""
 
 import argparse
 import os
 import shutil
 from pathlib import Path
+from typing import Dict
 
 import torch
+from deepspeed.checkpoint.constants import (
+    PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS,
+    UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from llmscale.checkpoint.safe_load import load_deepspeed_file
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
+from llmscale.parallel.pipeline import canonical_name
 
 UNIVERSAL_DIR = "universal"
 
+# Saved with every checkpoint, so that `ds_to_universal` can merge tensor-parallel shards
+# (DeepSpeed matches each pattern from the start of the parameter name).
+UNIVERSAL_INFO = {
+    UNIVERSAL_CHECKPOINT_INFO: {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
+    }
+}
+
 
 def needs_universal(saved_plan: dict, plan: ParallelPlan) -> bool:
+    if (saved_plan["tp"], saved_plan["pp"]) != (plan.tp, plan.pp):
+        return True
     if saved_plan["zero_stage"] == plan.zero_stage == 0:
         return False  # ZeRO-0 state is whole on every rank: any DP size loads it
     return (saved_plan["dp"], saved_plan["zero_stage"]) != (plan.dp, plan.zero_stage)
 
 
 def check_reshardable(step_dir: Path, saved_plan: dict, plan: ParallelPlan) -> None:
-    if (saved_plan["tp"], saved_plan["pp"]) != (plan.tp, plan.pp):
+    saved = (f"dp={saved_plan['dp']}, tp={saved_plan['tp']}, pp={saved_plan['pp']} at ZeRO-"
+             f"{saved_plan['zero_stage']}")
+    relaunch = (f"relaunch with the saved layout (parallel.dp={saved_plan['dp']}, parallel.tp="
+                f"{saved_plan['tp']}, parallel.pp={saved_plan['pp']}, parallel.zero_stage="
+                f"{saved_plan['zero_stage']})")
+    if saved_plan.get("ep", 1) != plan.ep:
         raise ConfigError(
-            f"checkpoint {step_dir} was saved with tp={saved_plan['tp']}, pp={saved_plan['pp']}; "
-            f"this run has parallel.tp={plan.tp}, parallel.pp={plan.pp}. Relaunch with the saved "
-            "tensor and pipeline sizes"
+            f"checkpoint {step_dir} was saved with parallel.ep={saved_plan.get('ep', 1)}; this run "
+            f"has parallel.ep={plan.ep}: changing the expert-parallel size is not supported; "
+            f"{relaunch}"
         )
     stages = (saved_plan["zero_stage"], plan.zero_stage)
     # ZeRO-0 keeps plain torch optimizer state, outside ZeRO's format; the universal files of a
     # ZeRO-3 save do not load into stages 1-2 (measured with DeepSpeed 0.19.8).
     if 0 in stages or stages in ((3, 1), (3, 2)):
         raise ConfigError(
-            f"checkpoint {step_dir} was saved with dp={saved_plan['dp']} at ZeRO-{stages[0]}; "
-            f"this run has dp={plan.dp} at parallel.zero_stage={stages[1]}. Changing the layout "
-            "is supported from ZeRO 1 and 2 to ZeRO 1, 2 and 3, and from ZeRO-3 to ZeRO-3 (any "
-            f"number of ranks); relaunch with the saved layout (dp={saved_plan['dp']}, "
-            f"parallel.zero_stage={stages[0]}) otherwise"
+            f"checkpoint {step_dir} was saved with {saved}; this run has dp={plan.dp}, tp="
+            f"{plan.tp}, pp={plan.pp} at parallel.zero_stage={plan.zero_stage}. Changing the "
+            "layout is supported from ZeRO 1 and 2 to ZeRO 1, 2 and 3, and from ZeRO-3 to "
+            f"ZeRO-3 (any dp, tp, pp); {relaunch} otherwise"
         )
 
 
@@ -64,31 +94,51 @@ def convert_to_universal(step_dir: Path) -> Path:
     return target
 
 
-def restore_universal_into_zero3(engine, step_dir: Path) -> None:
-    """Load `step_dir`'s universal files into a ZeRO-3 engine through DeepSpeed's public
-    per-parameter setters; its own ZeRO-3 universal loader leaves the Adam state wrong
-    (measured with 0.19.8). Covers what `engine.load_checkpoint` would: weights, Adam moments
-    and step, LR schedule, the engine's step counters."""
+def universal_parameter_dirs(step_dir: Path, saved_pp: int) -> Dict[str, Path]:
+    """The converted checkpoint's folder of each parameter, by the model's own (Hugging Face)
+    parameter name."""
     zero_dir = step_dir / UNIVERSAL_DIR / "zero"
+    naming = canonical_name if saved_pp > 1 else _same_name
+    return {naming(path.name): path for path in zero_dir.iterdir() if path.is_dir()}
+
+
+def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan) -> None:
+    """Load `step_dir`'s universal files into an engine of any ZeRO stage >= 1 and any tensor
+    and pipeline sizes. Covers what `engine.load_checkpoint` would: weights, Adam moments and
+    step, LR schedule, the engine's step counters."""
+    folders = universal_parameter_dirs(step_dir, saved_pp)
+    naming = canonical_name if plan.pp > 1 else _same_name
     optimizer = engine.optimizer
-    # torch's AdamW creates its state at the first step; ZeRO-3 needs it before the setters.
-    for flat in optimizer.fp32_partitioned_groups_flat:
+    zero3 = plan.zero_stage == 3
+    flat_masters = (optimizer.fp32_partitioned_groups_flat if zero3
+                    else optimizer.single_partition_of_fp32_groups)
+    # torch's AdamW creates its state at the first step; the setters need it before.
+    for flat in flat_masters:
         if not optimizer.optimizer.state[flat]:
             optimizer.optimizer.state[flat] = {
                 "step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                 "exp_avg_sq": torch.zeros_like(flat),
             }
+    if not zero3:
+        optimizer._lazy_init_hp_params_optimizer_state()  # points each weight at its moments
     for name, param in engine.module.named_parameters():
-        safe_set_full_fp32_param(param, _universal_tensor(zero_dir / name / "fp32.pt"))
+        folder = folders.get(naming(name))
+        if folder is None:
+            raise ConfigError(f"checkpoint {step_dir} has no parameter {naming(name)}: it holds "
+                              "another model; resume it with the config it was saved with")
+        safe_set_full_fp32_param(param, _shard(param, universal_tensor(folder / "fp32.pt")))
         for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, _universal_tensor(zero_dir / name / f"{key}.pt"),
-                                          key)
-    adam_step = _universal_tensor(zero_dir / name / "step.pt")
+            safe_set_full_optimizer_state(
+                param, _shard(param, universal_tensor(folder / f"{key}.pt")), key)
+    adam_step = universal_tensor(folder / "step.pt")
     for state in optimizer.optimizer.state.values():
         state["step"] = adam_step.clone()
-    # What DeepSpeed runs after every optimizer step: the fp32 masters into the model's shards.
-    for group_index in range(len(optimizer.fp16_groups)):
-        optimizer._reassign_or_swap_out_partitioned_parameters(group_index)
+    # What DeepSpeed runs after every optimizer step: the fp32 masters into the model's weights.
+    if zero3:
+        for group_index in range(len(optimizer.fp16_groups)):
+            optimizer._reassign_or_swap_out_partitioned_parameters(group_index)
+    else:
+        optimizer.update_lp_params()
 
     engine_state = load_deepspeed_file(_model_states_file(step_dir))
     engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
@@ -99,7 +149,21 @@ def restore_universal_into_zero3(engine, step_dir: Path) -> None:
     engine.skipped_steps = engine_state["skipped_steps"]
 
 
-def _universal_tensor(path: Path):
+def _shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This tensor-parallel rank's share of a full parameter (megatron-core marks its shards)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    from megatron.core import parallel_state
+
+    return full.chunk(parallel_state.get_tensor_model_parallel_world_size(),
+                      dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
+
+
+def _same_name(name: str) -> str:
+    return name
+
+
+def universal_tensor(path: Path):
     value = load_deepspeed_file(path)
     return value["param"] if isinstance(value, dict) else value
 

@@ -34,14 +34,10 @@ def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig) -> torch.optim.
     )
 
 
-def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan,
-                 load_universal: bool = False):
-    """`load_universal`: the engine will resume from a universal checkpoint (another layout)."""
+def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan):
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     config = build_deepspeed_config(cfg, plan)
-    if load_universal:
-        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     # A pipeline module brings its own topology; otherwise tensor parallelism needs DeepSpeed
     # to take its data-parallel group from Megatron's grid rather than the whole world.
     mpu = DeepSpeedGroups() if plan.tp > 1 and plan.pp == 1 else None

@@ -65,7 +65,7 @@ def build_pipeline(model: Llama, plan: ParallelPlan) -> PipelineModule:
 _STAGE_PARAMETER = re.compile(r"^(\d+)\.(embed_tokens|layer|norm|lm_head)\.(.+)$")
 
 
-def canonical_name(stage_name: str, num_layers: int) -> str:
+def canonical_name(stage_name: str) -> str:
     """`3.layer.mlp.up_proj.weight` -> `model.layers.2.mlp.up_proj.weight`, and so on."""
     match = _STAGE_PARAMETER.match(stage_name)
     if not match:

@@ -22,12 +22,20 @@ from torch import nn
 from llmscale.models.llama import IGNORE_INDEX, Llama, RMSNorm
 
 
-class ColumnParallel(tensor_parallel.ColumnParallelLinear):
+class _WithoutExtraState:
+    """megatron's linear layers put an empty `_extra_state` entry (for TransformerEngine's FP8
+    metadata) into every state_dict; checkpoint tools take each entry for a tensor."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+
+class ColumnParallel(_WithoutExtraState, tensor_parallel.ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]  # megatron returns (output, bias)
 
 
-class RowParallel(tensor_parallel.RowParallelLinear):
+class RowParallel(_WithoutExtraState, tensor_parallel.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
 

@@ -136,9 +136,6 @@ def roll_back(engine, checkpointer: Checkpointer, source: ResumeSource, state: T
               seq_len: int) -> TrainState:
     """Reload the whole run (engine, RNG states, train state) from `source` and go on from the
     sample `state` has reached, passing over every batch after the checkpoint."""
-    # An engine built to resume from another layout loads universal checkpoints; the run's own
-    # saves since then are in its own layout.
-    engine._config.load_universal_checkpoint = source.deepspeed_loads_universal
     restored = checkpointer.load(engine, source)
     passed_over = state.consumed_samples - restored.consumed_samples
     restored.consumed_samples += passed_over

@@ -2,6 +2,7 @@
 an exact CPU measurement of the bytes of live tensors during one step, which checks
 llmscale.parallel.memory_plan against the model (tools/measure_memory.py)."""
 
+import gc
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -142,6 +143,8 @@ def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     for _ in range(warmup_steps):
         train_step(None)
     optimizer.zero_grad(set_to_none=True)
+    # Free earlier garbage now: a collection inside the trace would free blocks it never saw.
+    gc.collect()
     optimizer_state = [value for state in optimizer.state.values() for value in state.values()
                        if isinstance(value, torch.Tensor)]
     states = tensor_bytes([*model.parameters(), *model.buffers(), *optimizer_state])

@@ -79,10 +79,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     model = Llama(cfg.model)
     if init_from:
         load_initial_weights(model, init_from)
-    engine = build_engine(
-        parallelize(model, plan), cfg, plan,
-        load_universal=bool(resume_source and resume_source.deepspeed_loads_universal),
-    )
+    engine = build_engine(parallelize(model, plan), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()

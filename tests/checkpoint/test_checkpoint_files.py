@@ -106,6 +106,22 @@ def test_layout_changes_that_go_through_a_universal_checkpoint(saved, running, u
 def test_unsupported_layout_changes_are_refused_with_the_saved_layout(saved_stage, running_stage):
     saved_plan = {"dp": 2, "zero_stage": saved_stage, "tp": 1, "pp": 1}
     plan = replace(PLAN, dp=1, world_size=1, zero_stage=running_stage)
-    with pytest.raises(ConfigError, match=rf"relaunch with the saved layout \(dp=2, "
+    with pytest.raises(ConfigError, match=rf"relaunch with the saved layout \(parallel.dp=2, "
+                                          rf"parallel.tp=1, parallel.pp=1, "
                                           rf"parallel.zero_stage={saved_stage}\)"):
+        check_reshardable(Path("ckpt"), saved_plan, plan)
+
+
+@pytest.mark.parametrize("saved_tp, saved_pp", [(2, 1), (1, 2), (2, 2)])
+def test_tensor_and_pipeline_size_changes_go_through_a_universal_checkpoint(saved_tp, saved_pp):
+    saved_plan = {"dp": 1, "zero_stage": 1, "tp": saved_tp, "pp": saved_pp}
+    plan = replace(PLAN, dp=1, world_size=1, zero_stage=1)
+    assert needs_universal(saved_plan, plan)
+    check_reshardable(Path("ckpt"), saved_plan, plan)
+
+
+def test_expert_parallel_size_change_is_refused():
+    saved_plan = {"dp": 2, "zero_stage": 1, "tp": 1, "pp": 1, "ep": 2}
+    plan = replace(PLAN, dp=2, world_size=2, zero_stage=1, ep=1)
+    with pytest.raises(ConfigError, match="saved with parallel.ep=2; this run has parallel.ep=1"):
         check_reshardable(Path("ckpt"), saved_plan, plan)

@@ -146,9 +146,10 @@ def test_bf16_zero0_master_weights_are_matched_to_their_names(tmp_path):
     assert torch.equal(consolidated["lm_head.weight"], masters["model.embed_tokens.weight"])
 
 
-def test_tensor_parallel_checkpoint_is_refused_not_misassembled(tmp_path):
-    (tmp_path / "llmscale_state.json").write_text(json.dumps({"plan": {"tp": 2, "pp": 1}}))
-    with pytest.raises(NotImplementedError, match="saved with tp=2, pp=1"):
+def test_tensor_parallel_zero0_checkpoint_is_refused_not_misassembled(tmp_path):
+    (tmp_path / "llmscale_state.json").write_text(
+        json.dumps({"plan": {"tp": 2, "pp": 1, "zero_stage": 0}}))
+    with pytest.raises(ValueError, match="saved with tp=2, pp=1 at ZeRO-0"):
         consolidated_state_dict(tmp_path)
 
 

@@ -90,7 +90,7 @@ def test_two_ranks_resume_on_one_rank_at_another_zero_stage(saved_stage, resumed
            "train.exit_at_step=6")
     lines_before = metric_lines(run_dir)
     stdout = launch("python", run_dir, *common, f"parallel.zero_stage={resumed_stage}")
-    assert (f"converting it to a universal checkpoint for dp=1 at ZeRO-{resumed_stage}"
+    assert (f"converting it to a universal checkpoint for dp=1, tp=1, pp=1 at ZeRO-{resumed_stage}"
             in stdout)
     resumed, expected = metrics(run_dir, "loss", lines_before), metrics(reference, "loss")
     assert sorted(resumed) == list(range(7, STEPS + 1))

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from llmscale.config import load_config, validate
-from llmscale.config.schema import ModelConfig, Precision
+from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision
 from llmscale.config.validate import ParallelPlan
 from llmscale.models import count_parameters
 from llmscale.parallel.memory_plan import (
     GiB,
-    Recompute,
     estimate,
     fitting_plans,
     layer_activation_bytes,
@@ -31,16 +30,33 @@ MODEL = ModelConfig(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, vocab_size=256)
 PARAMETERS = 4 * (36_864 + 128) + 64 + 2 * 16_384  # 180,800
 SEQ, MICRO = 32, 2
-SBH = SEQ * MICRO * 64  # 4,096
-# Korthikanti et al. without recompute: 34 + 5*a*s/h = 34 + 5*4*32/64 = 44 bytes per s*b*h.
-LAYER_BYTES = 44 * SBH
-OUTPUT_LAYER_BYTES = 4 * SBH * (1 + 256 / 64)
+TOKENS = SEQ * MICRO  # 64
+NONE, SELECTIVE, FULL = (ActivationCheckpointing.none, ActivationCheckpointing.selective,
+                         ActivationCheckpointing.full)
+# Bytes per token autograd saves in one layer in bf16 (memory_plan's docstring; kv = 2 heads x 16):
+# norms 2 x (fp32 input 4*64 + 1/rms 4 + normalised 2*64) = 776, the q/k/v and gate/up inputs
+# 2 x 2*64 = 256 (those two the sequence-parallel region, 1,032), attention q, k, v 2*(64 + 2*32)
+# + output 2*64 + logsumexp 4*4 = 400, SwiGLU 4 x 2*128 = 1,024 (tensor-parallel region, 1,424).
+# (Korthikanti et al.'s GPT-3 formula, used before, gave 34 + 5*a*s/h = 44 bytes per s*b*h.)
+SEQUENCE_REGION, TENSOR_REGION = 1_032, 1_424
+LAYER_BYTES = (SEQUENCE_REGION + TENSOR_REGION) * TOKENS  # 157,184
+# selective keeps the input, the matmul outputs and attention's: 2*(5*64 + 2*32 + 2*128) + 16;
+# full the input only.
+SELECTIVE_BYTES, FULL_BYTES = 1_296 * TOKENS, 2 * 64 * TOKENS
+# Final norm 6*64 + 4, lm_head input 2*64, the loss's fp32 log-probabilities 4*256.
+OUTPUT_LAYER_BYTES = (6 * 64 + 4 + 2 * 64 + 4 * 256) * TOKENS
+ACTIVATIONS = 4 * LAYER_BYTES + OUTPUT_LAYER_BYTES  # 727,296
+LOSS_BACKWARD_BYTES = 2 * 4 * 256 * TOKENS  # the fp32 gradients of log-probs and logits
+LAYER_BACKWARD_BYTES = (2 * 64 + 2 * 2 * 128) * TOKENS  # of the output, SiLU(gate) and up
 
 
-def plan(dp: int = 4, tp: int = 1, pp: int = 1, zero: int = 0) -> ParallelPlan:
+def plan(dp: int = 4, tp: int = 1, pp: int = 1, zero: int = 0, accum: int = 1,
+         sequence_parallel: bool = True) -> ParallelPlan:
+    accum = max(accum, pp)  # a pipeline needs micro-batches (validate enforces it)
     return ParallelPlan(world_size=dp * tp * pp, dp=dp, tp=tp, pp=pp, zero_stage=zero,
-                        micro_batch_size=MICRO, grad_accum_steps=1,
-                        global_batch_size=MICRO * dp)
+                        micro_batch_size=MICRO, grad_accum_steps=accum,
+                        global_batch_size=MICRO * accum * dp,
+                        sequence_parallel=sequence_parallel and tp > 1)
 
 
 def test_whole_model_on_one_stage_is_the_parameter_count() -> None:
@@ -64,46 +80,71 @@ def test_pipeline_stages_split_layers_and_ends() -> None:
     [(0, 2, 2, 12), (1, 2, 2, 3), (2, 2, 0.5, 3), (3, 0.5, 0.5, 3)],
 )
 def test_zero_stages_shard_model_states_over_dp(zero, weights, grads, optimizer) -> None:
-    memory = estimate(MODEL, plan(dp=4, zero=zero), SEQ, Precision.bf16, Recompute.none)
+    memory = estimate(MODEL, plan(dp=4, zero=zero), SEQ, Precision.bf16, NONE)
     assert memory.parameters == weights * PARAMETERS
     assert memory.gradients == grads * PARAMETERS
     assert memory.optimizer == optimizer * PARAMETERS
-    assert memory.activations == 4 * LAYER_BYTES + OUTPUT_LAYER_BYTES
-    assert memory.total == (weights + grads + optimizer) * PARAMETERS + memory.activations
+    assert memory.activations == ACTIVATIONS
+    # One micro-batch a step: the backward pass starts with no gradients, and AdamW's 4-byte
+    # temporary per parameter (sharded from ZeRO-1 on) comes when the activations are gone.
+    adamw_temporary = 4 * PARAMETERS / (4 if zero >= 1 else 1)
+    moments = {
+        "backward start": ACTIVATIONS + LOSS_BACKWARD_BYTES,
+        "backward end": LAYER_BYTES + LAYER_BACKWARD_BYTES + grads * PARAMETERS,
+        "optimizer step": grads * PARAMETERS + adamw_temporary,
+    }
+    assert memory.moment == max(moments, key=moments.get)
+    assert memory.total == (weights + optimizer) * PARAMETERS + max(moments.values())
+    assert memory.temporaries == max(LOSS_BACKWARD_BYTES, adamw_temporary)
+
+
+def test_accumulated_gradients_are_there_when_the_backward_starts() -> None:
+    memory = estimate(MODEL, plan(dp=4, zero=2, accum=2), SEQ, Precision.bf16, NONE)
+    assert memory.moment == "backward start"
+    assert memory.total == (2 + 0.5 + 3) * PARAMETERS + ACTIVATIONS + LOSS_BACKWARD_BYTES
 
 
 def test_fp32_training_keeps_two_moments_and_wider_activations() -> None:
-    memory = estimate(MODEL, plan(dp=1), SEQ, Precision.fp32, Recompute.none)
+    memory = estimate(MODEL, plan(dp=1), SEQ, Precision.fp32, NONE)
     assert (memory.parameters, memory.gradients, memory.optimizer) == (
         4 * PARAMETERS, 4 * PARAMETERS, 8 * PARAMETERS)
-    assert memory.activations == 2 * (4 * LAYER_BYTES + OUTPUT_LAYER_BYTES)
+    # Each norm's fp32 input is the input itself; every other tensor doubles: 32h + 8kv + 16i +
+    # 4a + 8 a token, and 8h + 4 + 4h + 4V in the output layer.
+    layer = (32 * 64 + 8 * 32 + 16 * 128 + 4 * 4 + 8) * TOKENS
+    output_layer = (8 * 64 + 4 + 4 * 64 + 4 * 256) * TOKENS
+    assert memory.activations == 4 * layer + output_layer
 
 
 def test_activations_per_layer_by_recompute_and_tp() -> None:
-    assert layer_activation_bytes(MODEL, SEQ, MICRO, 1, Recompute.none) == LAYER_BYTES
-    assert layer_activation_bytes(MODEL, SEQ, MICRO, 1, Recompute.selective) == 34 * SBH
-    assert layer_activation_bytes(MODEL, SEQ, MICRO, 1, Recompute.full) == 2 * SBH
-    assert layer_activation_bytes(MODEL, SEQ, MICRO, 2, Recompute.none) == LAYER_BYTES / 2
+    args = (MODEL, SEQ, MICRO)
+    assert layer_activation_bytes(*args, 1, NONE, Precision.bf16) == LAYER_BYTES
+    assert layer_activation_bytes(*args, 1, SELECTIVE, Precision.bf16) == SELECTIVE_BYTES
+    assert layer_activation_bytes(*args, 1, FULL, Precision.bf16) == FULL_BYTES
+    assert layer_activation_bytes(*args, 2, NONE, Precision.bf16) == LAYER_BYTES / 2
+    # Without sequence parallelism the norms and the projections' inputs are whole on every
+    # tensor-parallel rank.
+    assert layer_activation_bytes(*args, 2, NONE, Precision.bf16, sequence_parallel=False) == (
+        SEQUENCE_REGION + TENSOR_REGION / 2) * TOKENS
 
 
 def test_first_pipeline_stage_holds_pp_micro_batches() -> None:
     # pp=2: stage 0 keeps 2 layers x 2 micro-batches, the last 2 x 1 plus the output layer;
     # stage 0 also has 64 fewer parameters (no final norm) but more in all here.
-    memory = estimate(MODEL, plan(dp=1, pp=2), SEQ, Precision.bf16, Recompute.none)
+    memory = estimate(MODEL, plan(dp=1, pp=2), SEQ, Precision.bf16, NONE)
     assert memory.stage == 0
     assert memory.activations == 2 * 2 * LAYER_BYTES
     assert memory.parameters == 2 * (2 * (36_864 + 128) + 16_384)
 
 
 def test_more_data_parallel_ranks_under_zero3_need_less_each() -> None:
-    totals = [estimate(MODEL, plan(dp=dp, zero=3), SEQ, Precision.bf16, Recompute.none).total
+    totals = [estimate(MODEL, plan(dp=dp, zero=3), SEQ, Precision.bf16, NONE).total
               for dp in (1, 2, 4, 8)]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
 
 
 def test_recompute_lowers_activation_memory() -> None:
     activations = [estimate(MODEL, plan(), SEQ, Precision.bf16, recompute).activations
-                   for recompute in (Recompute.none, Recompute.selective, Recompute.full)]
+                   for recompute in (NONE, SELECTIVE, FULL)]
     assert activations == sorted(activations, reverse=True) and len(set(activations)) == 3
 
 
@@ -112,7 +153,7 @@ def test_70b_on_512_devices_of_80_gib() -> None:
     device = 80 * GiB
     flat = replace(cfg, parallel=replace(cfg.parallel, tp=1, pp=1, zero_stage=0))
     memory = estimate(cfg.model, validate(flat, 512), cfg.data.seq_len, cfg.train.precision,
-                      Recompute.full)
+                      FULL)
     assert not memory.fits(device)  # 16 bytes x 69B parameters on every device
     options = fitting_plans(cfg, 512, device)
     assert options
