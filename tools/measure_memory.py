@@ -59,7 +59,6 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="measure_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the first 6 rows")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(method_check())
     header = (f"{'model':<6} {'seq':>4} {'mb':>3} {'ckpt':<9} {'dtype':<5} | {'est MiB':>8} "
               f"{'meas MiB':>8} {'err':>6} | {'act est':>8} {'act meas':>8} {'err':>6} | moment")

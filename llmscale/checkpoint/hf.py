@@ -130,6 +130,11 @@ def export_hf(state_dict: Dict[str, torch.Tensor], model_cfg: ModelConfig, out_d
               eos_token_id: Optional[int] = None) -> Path:
     """Write an HF Llama folder that `LlamaForCausalLM.from_pretrained` loads; tensors keep
     their dtype unless `dtype` is given."""
+    if model_cfg.num_experts:
+        raise ValueError(
+            f"model {model_cfg.name} is a mixture of experts (model.num_experts="
+            f"{model_cfg.num_experts}): export to Hugging Face covers dense Llama models only"
+        )
     check_weights(state_dict, model_cfg, "the state dict")
     tensors = _without_tied_head(state_dict, model_cfg)
     if dtype is not None:

@@ -32,9 +32,9 @@ from llmscale.config.validate import validate
 from llmscale.parallel.distributed import cpu_threads_per_rank
 
 BARE = "bare PyTorch"
-_SHORT_SPEC = re.compile(r"(dp|tp|pp|zero)(\d+)")
+_SHORT_SPEC = re.compile(r"(dp|tp|pp|ep|zero)(\d+)")
 _SHORT_SPEC_KEYS = {"dp": "parallel.dp", "tp": "parallel.tp", "pp": "parallel.pp",
-                    "zero": "parallel.zero_stage"}
+                    "ep": "parallel.ep", "zero": "parallel.zero_stage"}
 # The bare loop runs on one rank, whatever parallel layout its plan asked for.
 _ONE_RANK = ("parallel.dp=1", "parallel.tp=1", "parallel.pp=1")
 # What torchrun starts: the trainer, or the bare loop.
@@ -58,7 +58,7 @@ def plan_overrides(spec: str) -> List[str]:
             if not match:
                 raise ConfigError(
                     f"{part!r} is neither a Hydra override (key=value) nor one of dpN, tpN, "
-                    "ppN, zeroN (joined by '-', as in dp2-zero1)"
+                    "ppN, epN, zeroN (joined by '-', as in dp2-zero1 or tp2-pp2)"
                 )
             overrides.append(f"{_SHORT_SPEC_KEYS[match[1]]}={match[2]}")
     if not overrides:

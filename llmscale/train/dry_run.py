@@ -4,7 +4,7 @@ import json
 import os
 
 from llmscale.config.load import REPO_ROOT
-from llmscale.config.schema import ActivationCheckpointing, LLMScaleConfig
+from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import build_tokenizer
 from llmscale.models import count_parameters, flops_per_token
@@ -29,7 +29,7 @@ def describe_dry_run(cfg: LLMScaleConfig) -> str:
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision,
-                      ActivationCheckpointing.none)
+                      plan.activation_checkpointing)
     lines = [
         f"experiment {cfg.name}: model {cfg.model.name}, {parameters:,} parameters "
         f"({parameters / 1e9:.2f}B)",
@@ -38,8 +38,9 @@ def describe_dry_run(cfg: LLMScaleConfig) -> str:
         f"  tokens per step: {tokens_per_step:,}; over {cfg.train.max_steps:,} steps: "
         f"{tokens_per_step * cfg.train.max_steps:,} tokens, "
         f"{per_token * tokens_per_step * cfg.train.max_steps:.3g} FLOPs",
-        f"  memory per device ({cfg.train.precision.value}, ZeRO-{plan.zero_stage}, no "
-        f"recompute; pipeline stage {memory.stage}): weights {_human_bytes(memory.parameters)}, "
+        f"  memory per device ({cfg.train.precision.value}, ZeRO-{plan.zero_stage}, "
+        f"activation checkpointing {plan.activation_checkpointing.value}; pipeline stage "
+        f"{memory.stage}): weights {_human_bytes(memory.parameters)}, "
         f"gradients {_human_bytes(memory.gradients)}, optimizer "
         f"{_human_bytes(memory.optimizer)}, activations {_human_bytes(memory.activations)}, "
         f"total {_human_bytes(memory.total)} (tools/plan.py compares plans)",

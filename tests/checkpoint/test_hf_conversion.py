@@ -153,6 +153,11 @@ def test_tensor_parallel_zero0_checkpoint_is_refused_not_misassembled(tmp_path):
         consolidated_state_dict(tmp_path)
 
 
+def test_mixture_of_experts_export_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="mixture of experts .model.num_experts=4."):
+        export_hf({}, replace(SMALL, num_experts=4), tmp_path)
+
+
 def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
     model = random_llama(SMALL)
     state_dict = model.state_dict()

@@ -24,7 +24,8 @@ def config_error(overrides: List[str], world_size: int) -> str:
 POSITIVE_FIELDS = [
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "model.vocab_size", "model.max_seq_len", "model.vocab_multiple",
-    "parallel.tp", "parallel.pp", "parallel.dp",
+    "model.moe_top_k",
+    "parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "parallel.pp_microbatches",
     "train.max_steps", "train.exit_at_step", "train.micro_batch_size", "train.global_batch_size",
     "train.grad_accum_steps", "train.eval_interval", "train.eval_batches", "train.log_interval",
     "data.seq_len",
@@ -172,6 +173,66 @@ CASES = [
          "8 x 2 x 2 = 32: set train.grad_accum_steps=null to derive it, or make the product "
          "match"],
         id="global-batch-mismatch-no-derivable-accum",
+    ),
+    pytest.param(
+        ["model.num_heads=12", "model.num_kv_heads=null", "model.hidden_size=768",
+         "parallel.tp=8"], 8,
+        ["parallel.tp=8 does not divide model.num_heads=12", "use parallel.tp in [1, 2, 3, 4, 6,"],
+        id="twelve-heads-over-tp8",
+    ),
+    pytest.param(
+        ["parallel.tp=2", "model.vocab_size=321"], 2,
+        ["parallel.tp=2 does not divide model.vocab_size=321", "set model.vocab_size=null"],
+        id="vocab-not-divisible-by-tp",
+    ),
+    pytest.param(
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=127"], 2,
+        ["parallel.sequence_parallel=true splits data.seq_len=127 over parallel.tp=2 ranks"],
+        id="sequence-parallel-uneven-sequence",
+    ),
+    pytest.param(
+        ["parallel.pp=2"], 2,
+        ["model.tie_embeddings=true shares the embedding with the output layer",
+         "set parallel.pp=1, or model.tie_embeddings=false"],
+        id="tied-embeddings-across-pipeline-stages",
+    ),
+    pytest.param(
+        ["parallel.pp=2", "model.tie_embeddings=false", "parallel.zero_stage=0"], 2,
+        ["parallel.zero_stage=0 with parallel.pp=2 would clip gradients by the wrong norm",
+         "use parallel.zero_stage=1, or optim.clip_grad=0"],
+        id="pipeline-at-zero0-with-clipping",
+    ),
+    pytest.param(
+        ["parallel.pp=2", "model.tie_embeddings=false", "parallel.pp_microbatches=4",
+         "train.grad_accum_steps=2"], 2,
+        ["parallel.pp_microbatches=4 and train.grad_accum_steps=2 disagree"],
+        id="pipeline-microbatches-disagree-with-accumulation",
+    ),
+    pytest.param(
+        ["parallel.ep=2"], 2,
+        ["parallel.ep=2 splits experts, but the model is dense (model.num_experts=0)"],
+        id="expert-parallel-on-a-dense-model",
+    ),
+    pytest.param(
+        ["model=moe_tiny", "parallel.ep=3"], 3,
+        ["parallel.ep=3 does not divide model.num_experts=4: use parallel.ep in [1, 2, 4]"],
+        id="experts-not-divisible-by-ep",
+    ),
+    pytest.param(
+        ["model=moe_tiny", "parallel.ep=2", "parallel.dp=1", "parallel.tp=2"], 2,
+        ["parallel.ep=2 does not divide the data-parallel size 1",
+         "trains with data and expert parallelism only in this build"],
+        id="experts-with-tensor-parallel",
+    ),
+    pytest.param(
+        ["model=moe_tiny", "parallel.zero_stage=3"], 1,
+        ["parallel.zero_stage=3 is not supported by DeepSpeed's MoE layers"],
+        id="moe-at-zero3",
+    ),
+    pytest.param(
+        ["model=moe_tiny", "model.moe_top_k=5"], 1,
+        ["model.moe_top_k=5 exceeds model.num_experts=4"],
+        id="top-k-beyond-experts",
     ),
 ]
 

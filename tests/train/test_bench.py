@@ -16,8 +16,9 @@ def test_plans_are_short_specs_hydra_overrides_or_both() -> None:
     assert plan_overrides("parallel.zero_stage=2") == ["parallel.zero_stage=2"]
     assert plan_overrides("dp2-zero3 parallel.offload_optimizer=true") == [
         "parallel.dp=2", "parallel.zero_stage=3", "parallel.offload_optimizer=true"]
+    assert plan_overrides("tp2-pp2-ep1") == ["parallel.tp=2", "parallel.pp=2", "parallel.ep=1"]
     for bad in ("zero", "dp2_zero1", "fsdp2", ""):
-        with pytest.raises(ConfigError, match="dpN, tpN, ppN, zeroN|empty"):
+        with pytest.raises(ConfigError, match="dpN, tpN, ppN, epN, zeroN|empty"):
             plan_overrides(bad)
 
 
