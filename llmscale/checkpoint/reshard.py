@@ -10,7 +10,8 @@ Folders of a pipeline-parallel save carry stage names (`3.layer.mlp.up_proj.weig
 map back to the model's own names. `restore_universal` then hands every rank its share of each
 parameter through DeepSpeed's per-parameter setters, for ZeRO 1, 2 and 3 alike. (DeepSpeed's
 own universal loader needs the parameter names of both layouts to agree, which a pipeline does
-not give, and at ZeRO-3 it leaves the Adam state wrong, measured with 0.19.8.)
+not give; at ZeRO-3 it leaves the Adam state wrong; and it cannot read a ZeRO-3 save's
+conversion into stages 1-2: all measured with 0.19.8.)
 The conversion is cached in the step folder, beside the files the manifest covers."""
 
 import argparse
@@ -65,15 +66,13 @@ def check_reshardable(step_dir: Path, saved_plan: dict, plan: ParallelPlan) -> N
             f"has parallel.ep={plan.ep}: changing the expert-parallel size is not supported; "
             f"{relaunch}"
         )
-    stages = (saved_plan["zero_stage"], plan.zero_stage)
-    # ZeRO-0 keeps plain torch optimizer state, outside ZeRO's format; the universal files of a
-    # ZeRO-3 save do not load into stages 1-2 (measured with DeepSpeed 0.19.8).
-    if 0 in stages or stages in ((3, 1), (3, 2)):
+    # ZeRO-0 keeps plain torch optimizer state, outside ZeRO's format.
+    if 0 in (saved_plan["zero_stage"], plan.zero_stage):
         raise ConfigError(
             f"checkpoint {step_dir} was saved with {saved}; this run has dp={plan.dp}, tp="
             f"{plan.tp}, pp={plan.pp} at parallel.zero_stage={plan.zero_stage}. Changing the "
-            "layout is supported from ZeRO 1 and 2 to ZeRO 1, 2 and 3, and from ZeRO-3 to "
-            f"ZeRO-3 (any dp, tp, pp); {relaunch} otherwise"
+            f"layout is supported between ZeRO stages 1, 2 and 3 (any dp, tp, pp); {relaunch} "
+            "otherwise"
         )
 
 
@@ -130,7 +129,7 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(
                 param, _shard(param, universal_tensor(folder / f"{key}.pt")), key)
-    adam_step = universal_tensor(folder / "step.pt")
+    adam_step = _adam_step(step_dir, folder)
     for state in optimizer.optimizer.state.values():
         state["step"] = adam_step.clone()
     # What DeepSpeed runs after every optimizer step: the fp32 masters into the model's weights.
@@ -166,6 +165,15 @@ def _same_name(name: str) -> str:
 def universal_tensor(path: Path):
     value = load_deepspeed_file(path)
     return value["param"] if isinstance(value, dict) else value
+
+
+def _adam_step(step_dir: Path, parameter_dir: Path) -> torch.Tensor:
+    """Adam's step count: one file per parameter from ZeRO 1-2 saves; a ZeRO-3 save's
+    conversion keeps it in the optimizer's global state only."""
+    if (parameter_dir / "step.pt").is_file():
+        return universal_tensor(parameter_dir / "step.pt")
+    global_state = load_deepspeed_file(step_dir / UNIVERSAL_DIR / "zero" / "optimizer_state.pt")
+    return next(iter(global_state["optimizer_state_dict"]["state"].values()))["step"]
 
 
 def _model_states_file(step_dir: Path) -> Path:

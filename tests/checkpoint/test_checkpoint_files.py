@@ -91,7 +91,7 @@ def test_retention_keeps_the_last_n_and_every_mth(tmp_path, keep_last, keep_ever
 
 @pytest.mark.parametrize("saved, running, universal", [
     ((2, 2), (1, 2), True), ((2, 2), (2, 1), True), ((2, 1), (4, 2), True),
-    ((2, 2), (1, 3), True), ((2, 3), (1, 3), True),
+    ((2, 2), (1, 3), True), ((2, 3), (1, 3), True), ((2, 3), (1, 1), True),
     ((2, 2), (2, 2), False), ((2, 0), (1, 0), False),
 ])
 def test_layout_changes_that_go_through_a_universal_checkpoint(saved, running, universal):
@@ -102,7 +102,7 @@ def test_layout_changes_that_go_through_a_universal_checkpoint(saved, running, u
         check_reshardable(Path("ckpt"), saved_plan, plan)
 
 
-@pytest.mark.parametrize("saved_stage, running_stage", [(3, 2), (3, 1), (0, 1), (1, 0), (0, 3)])
+@pytest.mark.parametrize("saved_stage, running_stage", [(0, 1), (1, 0), (0, 3)])
 def test_unsupported_layout_changes_are_refused_with_the_saved_layout(saved_stage, running_stage):
     saved_plan = {"dp": 2, "zero_stage": saved_stage, "tp": 1, "pp": 1}
     plan = replace(PLAN, dp=1, world_size=1, zero_stage=running_stage)

@@ -79,7 +79,7 @@ def test_killed_runs_resume_to_the_uninterrupted_losses(zero_stage, tmp_path):
     assert metrics(run_dir, "val_loss")[STEPS] == metrics(reference, "val_loss")[STEPS]
 
 
-@pytest.mark.parametrize("saved_stage, resumed_stage", [(2, 1), (2, 3)])
+@pytest.mark.parametrize("saved_stage, resumed_stage", [(2, 1), (2, 3), (3, 1)])
 def test_two_ranks_resume_on_one_rank_at_another_zero_stage(saved_stage, resumed_stage, tmp_path):
     """2 ranks save at step 6; 1 rank at another ZeRO stage continues through a universal
     checkpoint with the same weights, optimizer state and global sample order."""
