@@ -9,9 +9,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Megatron's tensor-parallel layers rely on one CUDA work queue to keep their communication and
-# computation in issue order (Megatron's own launch scripts set it); read when CUDA starts.
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 # megatron-core announces at import that TransformerEngine and Apex are missing; llmscale uses
 # neither (its layers fall back to plain torch by design).
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -56,9 +56,10 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # would set 1, and every rank taking all cores oversubscribes the node.
 cores_per_rank=$((SLURM_CPUS_ON_NODE / NPROC_PER_NODE))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores_per_rank > 0 ? cores_per_rank : 1))}
-# CUDA_DEVICE_MAX_CONNECTIONS stays unset: 1 orders kernels for Megatron's tensor/sequence-
-# parallel overlap, which data-parallel training does not use, and would put ZeRO's
-# communication streams in one hardware queue behind the compute kernels.
+# CUDA_DEVICE_MAX_CONNECTIONS stays unset here: 1 orders kernels for Megatron's tensor/sequence-
+# parallel overlap, and llmscale sets it itself when parallel.tp > 1; data-parallel plans leave
+# it unset, since 1 would put ZeRO's communication streams in one hardware queue behind the
+# compute kernels.
 
 requeue_job() {
     echo "llmscale: the time limit is near; requeueing job $SLURM_JOB_ID to resume from its" \

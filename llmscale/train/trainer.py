@@ -2,6 +2,7 @@
 checkpoint."""
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
                                  cfg.checkpoint.verify_checksums)
     init_from = _initial_weights_dir(cfg) if not resume_from else None
 
+    if plan.tp > 1:
+        # Megatron's tensor-parallel layers rely on one CUDA work queue to keep their
+        # communication and computation in issue order (Megatron's launch scripts set it too);
+        # read when CUDA starts, so before the process group.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ctx = init_distributed(cfg.train.collective_timeout_s)
     grid = init_model_parallel(plan)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
