@@ -157,7 +157,8 @@ def plan_runs(overrides: Sequence[str], plans: Sequence[str],
 def _compose(plan: str, overrides: List[str], default_world_size: int):
     cfg = load_config(overrides)
     par = cfg.parallel
-    world_size = par.dp * par.tp * par.pp if par.dp else default_world_size
+    # A plan naming no dp fills the node's ranks, or at least its model-parallel group.
+    world_size = par.dp * par.tp * par.pp if par.dp else max(default_world_size, par.tp * par.pp)
     if torch.cuda.is_available() and world_size > torch.cuda.device_count():
         raise ConfigError(f"the plan runs on {world_size} ranks but this machine has "
                           f"{torch.cuda.device_count()} GPUs")
