@@ -1,9 +1,11 @@
 # Sourced by the sbatch scripts beside it: the network and NCCL settings, and
 # `run_on_every_node SCRIPT [ARG ...]`, which runs SCRIPT with its ARGs on every GPU of the
 # allocation: srun starts one torchrun per node, and the torchruns meet at the allocation's first
-# node. 120 s before the time limit Slurm sends the batch shell USR1 (#SBATCH
-# --signal=B:USR1@120) and the job requeues itself; the requeued job runs the same command, and
-# training resumes from the newest intact checkpoint (train.resume=auto).
+# node. 300 s before the time limit Slurm sends the batch shell USR1 (#SBATCH
+# --signal=B:USR1@300); the shell creates $STOP_FILE, which the training scripts pass as
+# train.stop_file: training saves a checkpoint at the end of its step and exits, and the job
+# requeues itself. The requeued job runs the same command, and training resumes from that
+# checkpoint (train.resume=auto). Leave enough time for a step and a save.
 #
 # Submit from the repository root, in the environment that runs llmscale (its venv activated):
 # sbatch starts the job in the submission folder with the submitting shell's environment.
@@ -13,7 +15,7 @@
 #   --gpus-per-node, --exclusive   whole nodes: every GPU and core, no neighbour on the network
 #   --requeue                 Slurm may put the job back in the queue (node failure, preemption),
 #                             and the job may requeue itself (requeue_job below)
-#   --signal=B:USR1@120       USR1 to the batch shell only (B:), 120 s before the time limit;
+#   --signal=B:USR1@300       USR1 to the batch shell only (B:), 300 s before the time limit;
 #                             only where the work resumes (a rerun from scratch could loop)
 #   --open-mode=append        a requeued job adds to its output file instead of emptying it
 #   --output=runs/slurm/%x-%j.out   one file per job (%x: job name, %j: job id)
@@ -32,7 +34,9 @@ MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 # Next to the job's own output (#SBATCH --output=runs/slurm/%x-%j.out).
 LOG_DIR=runs/slurm/$SLURM_JOB_NAME-$SLURM_JOB_ID
-export MASTER_ADDR MASTER_PORT NPROC_PER_NODE LOG_DIR
+# On the shared file system, where rank 0 of the training looks for it after every step.
+STOP_FILE=$LOG_DIR/stop
+export MASTER_ADDR MASTER_PORT NPROC_PER_NODE LOG_DIR STOP_FILE
 
 # Network and NCCL settings. A value already in the environment (a site's module) wins.
 # NCCL_SOCKET_IFNAME is left to the site: unset, NCCL prefers ib* interfaces and avoids lo and
@@ -61,14 +65,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores_per_rank > 0 ? cores_per_rank
 # it unset, since 1 would put ZeRO's communication streams in one hardware queue behind the
 # compute kernels.
 
-requeue_job() {
-    echo "llmscale: the time limit is near; requeueing job $SLURM_JOB_ID to resume from its" \
-         "newest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
+stop_for_requeue() {
+    echo "llmscale: the time limit is near; asking training to save a checkpoint and stop" \
+         "($STOP_FILE)"
+    mkdir -p "$LOG_DIR"
+    touch "$STOP_FILE"
+    requeue_when_done=1
 }
 
 run_on_every_node() {
-    trap requeue_job USR1
+    requeue_when_done=0
+    trap stop_for_requeue USR1
     echo "llmscale: $SLURM_NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous at" \
          "$MASTER_ADDR:$MASTER_PORT; per-rank logs under $LOG_DIR/node<N>/"
     # --kill-on-bad-exit: a node whose torchrun fails takes the others down with it.
@@ -85,6 +92,17 @@ run_on_every_node() {
             --master_port="$MASTER_PORT" --rdzv_id="requeue${SLURM_RESTART_COUNT:-0}" \
             --log_dir="$LOG_DIR/node$SLURM_NODEID" --tee=3 --local_ranks_filter=0 "$@"' \
         torchrun "$@" &
-    # Waiting on srun in the background lets bash run the USR1 trap at once, not after srun ends.
-    wait $!
+    # Waiting on srun in the background lets bash run the USR1 trap at once; the trap ends that
+    # wait, so wait again until training has saved and exited.
+    local srun_pid=$! status=0
+    wait "$srun_pid" || status=$?
+    while kill -0 "$srun_pid" 2>/dev/null; do
+        status=0
+        wait "$srun_pid" || status=$?
+    done
+    if ((requeue_when_done)); then
+        echo "llmscale: requeueing job $SLURM_JOB_ID to resume from its newest checkpoint"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    return "$status"
 }

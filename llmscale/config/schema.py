@@ -186,6 +186,9 @@ class TrainConfig:
     # other ranks wait while rank 0 writes a checkpoint's manifest (checksums of every file) or
     # converts a checkpoint for another layout. 30 minutes, torch's default for gloo.
     collective_timeout_s: float = 1800.0
+    # When this file appears, the run saves a checkpoint at the end of the step and exits (the
+    # SLURM scripts create it shortly before the time limit, then requeue the job). None: off.
+    stop_file: Optional[str] = None
     # Fault injection, for testing failure handling (like Megatron's debug flags): the N-th
     # global batch of the sample order (the one step N trains on if no batch was passed over
     # before) gives a NaN loss, or a loss 100 times too high, on the last rank only. None in

@@ -4,7 +4,7 @@ llmscale.parallel.memory_plan against the model (tools/measure_memory.py)."""
 
 import gc
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -17,6 +17,8 @@ from llmscale.config.validate import ParallelPlan
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.memory_plan import MemoryEstimate, estimate
+from llmscale.parallel.parallelize import parallelize
+from llmscale.parallel.topology import init_model_parallel
 
 
 def peak_memory_metrics(device: torch.device) -> Dict[str, float]:
@@ -205,3 +207,45 @@ def check_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
     dtype = torch.float32 if precision == Precision.fp32 else torch.bfloat16
     measured = measure_llama_step(model_cfg, seq_len, micro_batch, checkpointing, dtype)
     return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing), measured)
+
+
+def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_len: int,
+                                dtype: torch.dtype = torch.float32,
+                                seed: int = 0) -> StepMemory:
+    """`measure_llama_step` of this rank's share of the model under `plan`'s tensor and sequence
+    parallelism and activation checkpointing (pp 1, dp 1: every rank is a tensor-parallel
+    rank). Needs torch.distributed with `plan.world_size` ranks; every rank builds the model
+    and draws the micro-batch from the same seed, as tensor-parallel ranks do. Megatron's global
+    buffer, which the sequence-parallel all-gathers reuse from the first step on, counts as
+    state: live from then on, it is allocated before the measured step."""
+    from megatron.core.parallel_state import get_global_memory_buffer
+
+    init_model_parallel(plan)
+    torch.manual_seed(seed)
+    model = parallelize(Llama(model_cfg), plan).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    input_ids = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
+    labels = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
+    buffers = get_global_memory_buffer().buffer
+    buffers.clear()  # an earlier model's, maybe larger
+    measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+    return replace(measured, states=measured.states + tensor_bytes(buffers.values()))
+
+
+def check_parallel_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
+                            checkpointing: ActivationCheckpointing, sequence_parallel: bool,
+                            precision: Precision = Precision.fp32) -> EstimateCheck:
+    """`check_estimate` of a tensor-parallel plan over all ranks of torch.distributed (tp = the
+    world size; every rank must call it): the rank that measures the most against the
+    estimate."""
+    tp = dist.get_world_size()
+    plan = ParallelPlan(world_size=tp, dp=1, tp=tp, pp=1, zero_stage=0,
+                        micro_batch_size=micro_batch, grad_accum_steps=1,
+                        global_batch_size=micro_batch, sequence_parallel=sequence_parallel,
+                        activation_checkpointing=checkpointing)
+    dtype = torch.float32 if precision == Precision.fp32 else torch.bfloat16
+    measured = measure_parallel_llama_step(model_cfg, plan, seq_len, dtype)
+    ranks = [None] * tp
+    dist.all_gather_object(ranks, measured)
+    return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing),
+                         max(ranks, key=lambda memory: memory.peak))

@@ -39,6 +39,7 @@ from llmscale.train.memory import peak_memory_metrics
 from llmscale.train.sinks import Metrics, build_sinks
 from llmscale.train.state import TrainState
 from llmscale.train.step import train_step
+from llmscale.train.stop_file import StopFile
 from llmscale.train.throughput import ThroughputMeter, peak_tflops
 
 
@@ -90,6 +91,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
     guard = LossGuard(cfg.train)
+    stop_file = StopFile(cfg.train.stop_file, ctx.is_main, ctx.device)
     rollback_source = resume_source
     if ctx.rank == ctx.world_size - 1:  # a fault on one rank, that every rank must answer
         inject_loss_faults(model, cfg.train, plan.global_batch_size, lambda: state.consumed_samples)
@@ -151,15 +153,21 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
                 continue  # the restored step was evaluated and saved before
 
         finished = state.step == last_step
+        stopping = stop_file.requested()
         if state.step % cfg.train.eval_interval == 0 or finished:
             last_val = evaluate(engine, val_batches, ctx.device)
             log(last_val)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
             finished and cfg.checkpoint.save_final
-        ):
+        ) or stopping:
             last_checkpoint = checkpointer.save(engine, state)
             rollback_source = ResumeSource(last_checkpoint, universal=False)
             guard.checkpoint_saved()
+        if stopping:
+            if ctx.is_main:
+                print(f"llmscale: {stop_file.path} appeared: saved step {state.step} and stopped; "
+                      "the same command resumes from there")
+            break
 
     for sink in sinks:
         sink.close()

@@ -5,6 +5,7 @@ what they are asked, so the test sees the command and environment each node woul
 Where a Slurm controller answers, `sbatch --test-only` also checks the scripts against it (on a
 real cluster, set SBATCH_PARTITION / SBATCH_ACCOUNT as sbatch itself reads them)."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -33,10 +34,14 @@ ALLOCATION = {
     "SLURM_CPUS_ON_NODE": "96",
 }
 # Each training script's own arguments before the ones passed to sbatch.
+STOP_FILES = {script: f"runs/slurm/llmscale-{kind}-{JOB_ID}/stop"
+              for script, kind in (("pretrain.sbatch", "pretrain"),
+                                   ("continued.sbatch", "continued"))}
 FIXED_ARGS = {
-    "pretrain.sbatch": ["launch/pretrain.py", "train.resume=auto"],
+    "pretrain.sbatch": ["launch/pretrain.py", "train.resume=auto",
+                        f"train.stop_file={STOP_FILES['pretrain.sbatch']}"],
     "continued.sbatch": ["launch/pretrain.py", "+exp=continued_smollm2", "checkpoint.interval=10",
-                         "train.resume=auto"],
+                         "train.resume=auto", f"train.stop_file={STOP_FILES['continued.sbatch']}"],
 }
 # One argument with a space and a `$`: it must arrive as one, unchanged.
 USER_ARGS = ["train.max_steps=20", "train.run_dir=/scratch/llm runs/$HOME"]
@@ -57,13 +62,22 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node "$@"
 done
 """,
-    # Records its arguments and environment; with STUB_BLOCK set, stays running like training.
+    # Records its arguments and environment; with STUB_BLOCK set, trains until $STOP_FILE
+    # appears, then saves (a second) and exits, as training does.
     "torchrun": """#!/bin/bash
 printf '%s\\0' "$@" > "$RECORD/torchrun.node$SLURM_NODEID.args"
 env -0 > "$RECORD/torchrun.node$SLURM_NODEID.env"
 if [[ -n "${STUB_BLOCK:-}" ]]; then
     touch "$RECORD/torchrun.started"
-    exec sleep 60
+    for ((tick = 0; tick < 600; tick++)); do
+        if [[ -e "$STOP_FILE" ]]; then
+            sleep 1
+            touch "$RECORD/torchrun.saved"
+            exit 0
+        fi
+        sleep 0.1
+    done
+    exit 1
 fi
 """,
     # Records its arguments and environment.
@@ -185,9 +199,10 @@ def test_site_settings_and_process_count_override_the_defaults(tmp_path):
     assert "--rdzv_id=requeue3" in args
 
 
-def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
+def test_usr1_before_the_time_limit_stops_training_with_a_save_then_requeues(tmp_path):
     env = _fake_cluster(tmp_path, "pretrain.sbatch", STUB_BLOCK="1")
     record, output = Path(env["RECORD"]), tmp_path / "job.out"
+    stop_file = REPO_ROOT / STOP_FILES["pretrain.sbatch"]
     with output.open("w") as job_output:
         batch = subprocess.Popen(["bash", "launch/slurm/pretrain.sbatch"], cwd=REPO_ROOT, env=env,
                                  stdout=job_output, stderr=subprocess.STDOUT,
@@ -199,15 +214,20 @@ def test_usr1_before_the_time_limit_requeues_the_job(tmp_path):
             assert time.monotonic() < deadline, "the stand-in torchrun never started"
             time.sleep(0.05)
         assert not (record / "scontrol.log").read_text().count("requeue")
-        # What `#SBATCH --signal=B:USR1@120` does: USR1 to the batch shell alone.
+        # What `#SBATCH --signal=B:USR1@300` does: USR1 to the batch shell alone.
         batch.send_signal(signal.SIGUSR1)
-        # At once, though srun is still running: bash waits for it in the background.
-        batch.wait(timeout=10)
+        # The shell asks training to stop through the file, waits for it to save and exit, and
+        # only then requeues the job.
+        assert batch.wait(timeout=30) == 0, output.read_text()
     finally:
-        # The stand-in srun and torchrun are still in the session the test started.
-        os.killpg(batch.pid, signal.SIGKILL)
+        # Anything left of the session the test started, should the script have failed.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(batch.pid, signal.SIGKILL)
+        shutil.rmtree(stop_file.parent, ignore_errors=True)
+    assert (record / "torchrun.saved").exists()
     assert (record / "scontrol.log").read_text().splitlines()[-1] == f"requeue {JOB_ID}"
-    assert f"requeueing job {JOB_ID}" in output.read_text()
+    text = output.read_text()
+    assert text.index("save a checkpoint and stop") < text.index(f"requeueing job {JOB_ID}")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -219,7 +239,7 @@ def test_sbatch_headers_requeue_signal_and_log(script):
         "--requeue": "", "--open-mode": "append", "--output": "runs/slurm/%x-%j.out",
         "--ntasks-per-node": "1",
         # Only training resumes; a benchmark requeued at its time limit would start over.
-        "--signal": "B:USR1@120" if script in TRAINING_SCRIPTS else None,
+        "--signal": "B:USR1@300" if script in TRAINING_SCRIPTS else None,
     }
     assert re.fullmatch(r"\d+-?\d*:\d\d:\d\d", options["--time"])
     # sbatch ignores #SBATCH lines after the first command: none may hide there.
