@@ -26,10 +26,6 @@ class ParallelPlan:
     sequence_parallel: bool = False
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
 
-    @property
-    def model_parallel(self) -> bool:
-        return self.tp > 1 or self.pp > 1
-
     def describe(self) -> str:
         extras = "".join((
             f", ep {self.ep}" if self.ep > 1 else "",

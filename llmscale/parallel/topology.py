@@ -3,29 +3,15 @@ parallel), in the rank order Megatron users know: tensor-parallel ranks adjacent
 then pipeline. DeepSpeed's pipeline topology orders ranks the same way, so its pipeline groups
 and Megatron's coincide."""
 
-from dataclasses import dataclass
-
 from megatron.core import parallel_state
 
 from llmscale.config.validate import ParallelPlan
 from llmscale.parallel.megatron_cpu import allow_megatron_layers_on_cpu
 
 
-@dataclass(frozen=True)
-class Coordinates:
-    """This rank's place in the grid."""
-
-    dp_rank: int
-    tp_rank: int
-    pp_rank: int
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == parallel_state.get_pipeline_model_parallel_world_size() - 1
-
-
-def init_model_parallel(plan: ParallelPlan) -> Coordinates:
-    """Needs torch.distributed initialised; idempotent."""
+def init_model_parallel(plan: ParallelPlan) -> int:
+    """Needs torch.distributed initialised; idempotent. Returns this rank's data-parallel rank,
+    which picks its share of each global batch."""
     allow_megatron_layers_on_cpu()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -34,11 +20,7 @@ def init_model_parallel(plan: ParallelPlan) -> Coordinates:
             # The default group is gloo already on CPU; on GPU nothing here needs gloo groups.
             create_gloo_process_groups=False,
         )
-    return Coordinates(
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-    )
+    return parallel_state.get_data_parallel_rank()
 
 
 class DeepSpeedGroups:

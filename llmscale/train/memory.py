@@ -3,7 +3,8 @@ an exact CPU measurement of the bytes of live tensors during one step, which che
 llmscale.parallel.memory_plan against the model (tools/measure_memory.py)."""
 
 import gc
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -228,8 +229,58 @@ def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_
     labels = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
     buffers = get_global_memory_buffer().buffer
     buffers.clear()  # an earlier model's, maybe larger
-    measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+    with _collectives_release_their_tensors():
+        measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
     return replace(measured, states=measured.states + tensor_bytes(buffers.values()))
+
+
+# The process-group methods torch.distributed's collectives call.
+_COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "all_gather_single",
+                "allgather_coalesced", "all_gather_single_coalesced", "reduce_scatter",
+                "reduce_scatter_single", "reduce_scatter_single_coalesced", "broadcast")
+
+
+@contextmanager
+def _collectives_release_their_tensors():
+    """gloo runs a collective on a worker thread, which holds the tensors until it is done with
+    the work, a moment after the caller's `wait` returns: when the caller drops a tensor in that
+    moment (a row-parallel layer's all-reduced output, added to the residual at once), the
+    worker frees it, and the profiler, which hears only the measuring thread's allocator, never
+    sees the free. Inside this, every collective returns only once the worker has let go of
+    its tensors, so each is freed where and when the model drops it, as with NCCL."""
+    from torch._C._distributed_c10d import ProcessGroup
+
+    originals = {name: ProcessGroup.__dict__[name] for name in _COLLECTIVES}
+
+    def settled(method):
+        def collective(group, *args, **kwargs):
+            storages = [tensor.untyped_storage() for tensor in _tensors(args)]
+            uses = [torch._C._storage_Use_Count(storage._cdata) for storage in storages]
+            work = method(group, *args, **kwargs)
+            work.wait()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(
+                    torch._C._storage_Use_Count(storage._cdata) > count
+                    for storage, count in zip(storages, uses)):
+                time.sleep(0)
+            return work
+        return collective
+
+    for name, method in originals.items():
+        setattr(ProcessGroup, name, settled(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(ProcessGroup, name, method)
+
+
+def _tensors(args) -> Iterable[torch.Tensor]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from _tensors(arg)
 
 
 def check_parallel_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,

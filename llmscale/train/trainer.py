@@ -74,11 +74,10 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         # read when CUDA starts, so before the process group.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ctx = init_distributed(cfg.train.collective_timeout_s)
-    grid = init_model_parallel(plan)
+    dp_rank = init_model_parallel(plan)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size, plan.tp)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
-    dp_rank, dp_size = grid.dp_rank, plan.dp
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
@@ -128,7 +127,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     while state.step < last_step:
         batches = rank_micro_batches(
             train_set, train_order, state.consumed_samples, plan.micro_batch_size,
-            plan.grad_accum_steps, dp_rank, dp_size,
+            plan.grad_accum_steps, dp_rank, plan.dp,
         )
         lr = engine.get_lr()[0]
         start = time.perf_counter()
