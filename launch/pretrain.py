@@ -9,9 +9,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# megatron-core announces at import that TransformerEngine and Apex are missing; llmscale uses
-# neither (its layers fall back to plain torch by design).
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from llmscale.config import ConfigError, load_config, strip_launcher_args  # noqa: E402
 from llmscale.parallel.distributed import (  # noqa: E402

@@ -32,6 +32,7 @@ from llmscale.checkpoint.safe_load import load_deepspeed_file
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
 from llmscale.parallel.pipeline import canonical_name
+from llmscale.parallel.tensor_parallel import local_shard
 
 UNIVERSAL_DIR = "universal"
 
@@ -125,10 +126,10 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
         if folder is None:
             raise ConfigError(f"checkpoint {step_dir} has no parameter {naming(name)}: it holds "
                               "another model; resume it with the config it was saved with")
-        safe_set_full_fp32_param(param, _shard(param, universal_tensor(folder / "fp32.pt")))
+        safe_set_full_fp32_param(param, local_shard(param, universal_tensor(folder / "fp32.pt")))
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(
-                param, _shard(param, universal_tensor(folder / f"{key}.pt")), key)
+                param, local_shard(param, universal_tensor(folder / f"{key}.pt")), key)
     adam_step = _adam_step(step_dir, folder)
     for state in optimizer.optimizer.state.values():
         state["step"] = adam_step.clone()
@@ -146,16 +147,6 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
     engine.global_steps = engine_state["global_steps"]
     engine.global_samples = engine_state["global_samples"]
     engine.skipped_steps = engine_state["skipped_steps"]
-
-
-def _shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-    """This tensor-parallel rank's share of a full parameter (megatron-core marks its shards)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    from megatron.core import parallel_state
-
-    return full.chunk(parallel_state.get_tensor_model_parallel_world_size(),
-                      dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
 
 
 def _same_name(name: str) -> str:

@@ -10,7 +10,8 @@ Megatron's sequence-parallel regions split along their first dimension.
 """
 
 import math
-from typing import Optional, Tuple
+import zlib
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -182,27 +183,37 @@ class Llama(nn.Module):
         self.model = Decoder(cfg, cfg.vocab_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.token_losses = token_cross_entropy
+        # Drawn from the global generator, which the run seeds: every parameter's generator is
+        # seeded from it and the parameter's name (see `initial_value`).
+        self.init_seed = int(torch.randint(2**31 - 1, (), device="cpu"))
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise parameters and RoPE tables; also the step after meta-device `to_empty()`."""
+        """Initialise parameters and RoPE tables; also the step after meta-device `to_empty()`
+        (parameters still on the meta device are left for `initial_value` to fill later)."""
         if self.cfg.tie_embeddings:
             # Tied here rather than in __init__ because `to_empty()` gives each module its own
             # tensor again.
             self.lm_head.weight = self.model.embed_tokens.weight
-        std = self.cfg.init_std
-        # Residual-branch outputs shrink with depth so the residual stream's variance stays
-        # roughly constant at init (GPT-2 / Megatron).
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual_out = name.endswith(("o_proj", "down_proj"))
-                module_std = residual_std if is_residual_out else std
-                nn.init.normal_(module.weight, mean=0.0, std=module_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        for name, param in self.named_parameters():
+            if not param.is_meta:
+                param.copy_(self.initial_value(name, param.shape))
         self.model.rotary_emb.reset_buffers()
+
+    def initial_value(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """Parameter `name`'s initial value at its full `shape`. It depends on the name and the
+        model's `init_seed` only, so a rank that holds a shard (tensor or pipeline parallel)
+        draws the same values for it as one process does for the whole model."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        std = self.cfg.init_std
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            # Residual-branch outputs shrink with depth so the residual stream's variance stays
+            # roughly constant at init (GPT-2 / Megatron).
+            std /= math.sqrt(2 * self.cfg.num_layers)
+        generator = torch.Generator().manual_seed(self.init_seed + zlib.crc32(name.encode()))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output [S, B, H] to logits [S, B, V]."""

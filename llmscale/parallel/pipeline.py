@@ -8,10 +8,13 @@ Hugging Face name, which checkpoint conversion and export use.
 """
 
 import re
+from typing import List
 
 import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.utils import partition_balanced
+from megatron.core import parallel_state
 from torch import nn
 
 from llmscale.config.validate import ParallelPlan
@@ -48,11 +51,26 @@ class HeadStage(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def build_pipeline(model: Llama, plan: ParallelPlan) -> PipelineModule:
+def pipeline_stages(model: Llama) -> List[nn.Module]:
+    """The layer list: the model's own modules, wrapped."""
     decoder = model.model
-    stages = [EmbeddingStage(model),
-              *(DecoderStage(layer, decoder.rotary_emb) for layer in decoder.layers),
-              HeadStage(decoder.norm, model.lm_head)]
+    return [EmbeddingStage(model),
+            *(DecoderStage(layer, decoder.rotary_emb) for layer in decoder.layers),
+            HeadStage(decoder.norm, model.lm_head)]
+
+
+def local_stages(stages: List[nn.Module], plan: ParallelPlan) -> List[nn.Module]:
+    """The entries of `stages` this rank's pipeline stage runs, by the partition
+    `PipelineModule` makes below (decoder layers balanced over the stages)."""
+    parts = partition_balanced(weights=[int(isinstance(stage, DecoderStage)) for stage in stages],
+                               num_parts=plan.pp)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    return stages[parts[stage]:parts[stage + 1]]
+
+
+def build_pipeline(model: Llama, stages: List[nn.Module], plan: ParallelPlan) -> PipelineModule:
+    """DeepSpeed keeps this rank's stages (and moves them to its device): only they need
+    weights."""
     return PipelineModule(
         layers=stages,
         topology=PipeModelDataParallelTopology(num_pp=plan.pp, num_mp=plan.tp, num_dp=plan.dp),

@@ -1,6 +1,6 @@
 """Tensor and sequence parallelism applied to a built `Llama` from outside (Megatron's recipe).
 
-Each rank builds the full model from the same seed (or loads the same weights), then every
+Each rank builds the full model (or only its shape, on the meta device), then every
 attention and MLP projection, the embedding and the output layer are replaced by megatron-core's
 parallel layers holding this rank's share of the same weights, so any tp gives the same model:
   q/k/v, gate/up, lm_head   column-parallel (output features split; whole heads per rank)
@@ -9,7 +9,9 @@ parallel layers holding this rank's share of the same weights, so any tp gives t
 and the loss becomes megatron's vocabulary-parallel cross-entropy, so full logits never exist.
 With sequence parallelism the residual stream and norms between those regions hold a 1/tp
 slice of the sequence; the norm weights then see only their slice's tokens, so their gradients
-are summed over the tensor-parallel group.
+are summed over the tensor-parallel group (`sum_norm_gradients_over_sequence_shards`). A model
+built on the meta device is split the same way and holds no values until
+`llmscale.parallel.parallelize` gives each shard its own.
 """
 
 import torch
@@ -100,23 +102,21 @@ def apply_tensor_parallel(model: Llama, sequence_parallel: bool) -> None:
         # [V, H] matrix the same way, so the tie survives the split.
         model.lm_head.weight = parallel_embedding.weight
     model.token_losses = vocab_parallel_token_losses
-    if sequence_parallel:
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                _sum_gradient_over_tensor_parallel_group(module.weight)
 
 
-@torch.no_grad()
-def _copy_shard(shard: torch.Tensor, full: torch.Tensor, dim: int, rank: int) -> None:
-    shard.copy_(full.chunk(full.shape[dim] // shard.shape[dim], dim=dim)[rank])
-    # Megatron marks its shards only when it initialises them itself. DeepSpeed's gradient
-    # clipping reads the mark: unmarked weights count as replicated, only tp rank 0's.
-    set_tensor_model_parallel_attributes(shard, is_parallel=True, dim=dim, stride=1)
+def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the full value of `param` (megatron-core marks its shards)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    return full.chunk(parallel_state.get_tensor_model_parallel_world_size(),
+                      dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
 
 
-def _sum_gradient_over_tensor_parallel_group(weight: nn.Parameter) -> None:
-    """A hook on the leaf runs before the gradient is accumulated, so DeepSpeed's own hooks (and
-    its ZeRO partitioning) see the summed gradient."""
+def sum_norm_gradients_over_sequence_shards(model: nn.Module) -> None:
+    """Under sequence parallelism each rank's norm weights see only its slice of the sequence.
+    A hook on the leaf runs before the gradient is accumulated, so DeepSpeed's own hooks (and
+    its ZeRO partitioning) see the summed gradient. (After any `to_empty`, which would replace
+    the weights and drop the hooks.)"""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
@@ -124,4 +124,15 @@ def _sum_gradient_over_tensor_parallel_group(weight: nn.Parameter) -> None:
         dist.all_reduce(grad, group=group)
         return grad
 
-    weight.register_hook(all_reduce)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.register_hook(all_reduce)
+
+
+@torch.no_grad()
+def _copy_shard(shard: torch.Tensor, full: torch.Tensor, dim: int, rank: int) -> None:
+    # Megatron marks its shards only when it initialises them itself. DeepSpeed's gradient
+    # clipping reads the mark: unmarked weights count as replicated, only tp rank 0's.
+    set_tensor_model_parallel_attributes(shard, is_parallel=True, dim=dim, stride=1)
+    if not full.is_meta:  # a model built on the meta device gets its values after the split
+        shard.copy_(full.chunk(full.shape[dim] // shard.shape[dim], dim=dim)[rank])

@@ -5,6 +5,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -82,7 +83,12 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
-    model = Llama(cfg.model)
+    # Built on the meta device, so that each rank allocates and draws only its own share
+    # (`parallelize`), unless whole weights come first: loaded ones, or MoE experts, which
+    # expert parallelism copies out of the whole model.
+    whole_model_first = init_from is not None or cfg.model.num_experts > 0
+    with nullcontext() if whole_model_first else torch.device("meta"):
+        model = Llama(cfg.model)
     if init_from:
         load_initial_weights(model, init_from)
     engine = build_engine(parallelize(model, plan), cfg, plan)

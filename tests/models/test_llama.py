@@ -99,6 +99,21 @@ def test_meta_device_build_then_init_weights() -> None:
     assert torch.equal(model.model.rotary_emb.sin, reference.sin)
 
 
+def test_initial_values_depend_on_the_seed_and_name_only() -> None:
+    """What lets every parallel layout start from the same model: a meta-device build whose
+    parameters are filled one at a time, in any order, equals the eager build."""
+    cfg = replace(TINY, tie_embeddings=False)
+    torch.manual_seed(7)
+    eager = Llama(cfg)
+    torch.manual_seed(7)
+    with torch.device("meta"):
+        lazy = Llama(cfg)
+    for name, param in reversed(list(lazy.named_parameters())):
+        assert torch.equal(lazy.initial_value(name, param.shape), eager.state_dict()[name]), name
+    torch.manual_seed(8)
+    assert not torch.equal(Llama(cfg).lm_head.weight, eager.lm_head.weight)
+
+
 def test_init_scales_residual_outputs() -> None:
     cfg = replace(TINY, hidden_size=256, intermediate_size=512, num_layers=8, init_std=0.02)
     layer = Llama(cfg).model.layers[0]
