@@ -180,12 +180,13 @@ class Llama(nn.Module):
                 f"num_heads {cfg.num_heads} not divisible by num_kv_heads {cfg.num_kv_heads}"
             )
         self.cfg = cfg
+        # Drawn from the global generator, which the run seeds, before the submodules' own
+        # default initialisation (skipped on the meta device) draws from it: every parameter's
+        # generator is seeded from it and the parameter's name (see `initial_value`).
+        self.init_seed = int(torch.randint(2**31 - 1, (), device="cpu"))
         self.model = Decoder(cfg, cfg.vocab_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.token_losses = token_cross_entropy
-        # Drawn from the global generator, which the run seeds: every parameter's generator is
-        # seeded from it and the parameter's name (see `initial_value`).
-        self.init_seed = int(torch.randint(2**31 - 1, (), device="cpu"))
         self.init_weights()
 
     @torch.no_grad()

@@ -242,30 +242,41 @@ _COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "all_gather_sin
 
 @contextmanager
 def _collectives_release_their_tensors():
-    """gloo runs a collective on a worker thread, which holds the tensors until it is done with
-    the work, a moment after the caller's `wait` returns: when the caller drops a tensor in that
-    moment (a row-parallel layer's all-reduced output, added to the residual at once), the
+    """gloo runs a collective on a worker thread, which holds the work, and through it the
+    tensors, until a moment after the caller's `wait` returns: when the caller drops a tensor in
+    that moment (a row-parallel layer's all-reduced output, added to the residual at once), the
     worker frees it, and the profiler, which hears only the measuring thread's allocator, never
-    sees the free. Inside this, every collective returns only once the worker has let go of
-    its tensors, so each is freed where and when the model drops it, as with NCCL."""
-    from torch._C._distributed_c10d import ProcessGroup
+    sees the free. Inside this, every collective waits for its work and lets go of it, then
+    returns once nothing else holds its tensors (the worker has let go too), so each is freed
+    when the model drops it, on the measuring thread, as it would be with NCCL."""
+    from torch._C._distributed_c10d import ProcessGroup, Work
 
-    originals = {name: ProcessGroup.__dict__[name] for name in _COLLECTIVES}
+    class Done(Work):
+        def wait(self, timeout=None) -> bool:
+            return True
+
+        def is_completed(self) -> bool:
+            return True
+
+    def uses(storage) -> int:
+        return torch._C._storage_Use_Count(storage._cdata)
 
     def settled(method):
         def collective(group, *args, **kwargs):
             storages = [tensor.untyped_storage() for tensor in _tensors(args)]
-            uses = [torch._C._storage_Use_Count(storage._cdata) for storage in storages]
+            before = [uses(storage) for storage in storages]
             work = method(group, *args, **kwargs)
             work.wait()
+            del work
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(
-                    torch._C._storage_Use_Count(storage._cdata) > count
-                    for storage, count in zip(storages, uses)):
+            while any(uses(storage) > count for storage, count in zip(storages, before)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{method.__name__}: the backend kept its tensors")
                 time.sleep(0)
-            return work
+            return Done()
         return collective
 
+    originals = {name: ProcessGroup.__dict__[name] for name in _COLLECTIVES}
     for name, method in originals.items():
         setattr(ProcessGroup, name, settled(method))
     try:
