@@ -83,14 +83,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
-    # Built on the meta device, so that each rank allocates and draws only its own share
-    # (`parallelize`), unless whole weights come first: loaded ones, or MoE experts, which
-    # expert parallelism copies out of the whole model.
-    whole_model_first = init_from is not None or cfg.model.num_experts > 0
-    with nullcontext() if whole_model_first else torch.device("meta"):
-        model = Llama(cfg.model)
-    if init_from:
-        load_initial_weights(model, init_from)
+    model = _build_model(cfg, init_from)
     engine = build_engine(parallelize(model, plan), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
@@ -188,6 +181,18 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         _print_summary(summary, cfg)
     dist.barrier()
     return summary
+
+
+def _build_model(cfg: LLMScaleConfig, init_from: Optional[Path]) -> Llama:
+    """On the meta device, so that each rank allocates and draws only its own share
+    (`parallelize`), unless whole weights come first: loaded ones, or MoE experts, which expert
+    parallelism copies out of the whole model."""
+    whole_model_first = init_from is not None or cfg.model.num_experts > 0
+    with nullcontext() if whole_model_first else torch.device("meta"):
+        model = Llama(cfg.model)
+    if init_from:
+        load_initial_weights(model, init_from)
+    return model
 
 
 def _initial_weights_dir(cfg: LLMScaleConfig) -> Optional[Path]:
