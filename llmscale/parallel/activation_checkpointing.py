@@ -27,6 +27,10 @@ _SAVED_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # A row-parallel layer all-reduces its matmul's output in place. The matmul's output is
+    # kept, so it is reduced already when the recompute comes; were the all-reduce recomputed,
+    # it would sum the sum again. Kept, it is not run twice, and costs no memory of its own.
+    torch.ops.c10d.allreduce_.default,
 }
 
 

@@ -1,6 +1,7 @@
 """Memory of a training step: peak accelerator memory as a per-step metric beside tokens/s, and
-an exact CPU measurement of the bytes of live tensors during one step, which checks
-llmscale.parallel.memory_plan against the model (tools/measure_memory.py)."""
+an exact CPU measurement of the bytes of live tensors during one step, of the whole model or of
+one tensor-parallel rank's share, which checks llmscale.parallel.memory_plan against the model
+(tools/measure_memory.py)."""
 
 import gc
 import time
@@ -40,9 +41,11 @@ class AllocationTrace:
     """Every allocation and free of PyTorch's CPU allocator while the trace is open, in time
     order, from the profiler's memory events (`profile_memory=True`): the CPU counterpart of
     `torch.cuda.max_memory_allocated`, exact to the byte and blind to what the allocator does
-    not serve (the interpreter, oneDNN scratch space). Sizes are relative to the opening: the
-    profiler does not see the free of a block allocated before it started, so whatever the
-    measured code frees must have been allocated inside the trace.
+    not serve (the interpreter, oneDNN scratch space) and to what other threads free. Sizes are
+    relative to the opening: the profiler does not see the free of a block allocated before it
+    started, so whatever the measured code frees must have been allocated inside the trace.
+    What a collective allocates for itself is left out, as the device's collectives would not
+    allocate it (gloo copies a reduce-scatter's input; NCCL reads it in place).
 
         with AllocationTrace() as trace, trace.phase("forward"):
             ...
@@ -61,21 +64,36 @@ class AllocationTrace:
     def __exit__(self, *exc) -> None:
         self._profiler.__exit__(*exc)
         if exc[0] is None:
-            self._collect(self._profiler.profiler.kineto_results.experimental_event_tree())
-            self.events.sort()
+            allocations = []  # (time ns, bytes, address, inside a collective)
+            self._collect(self._profiler.profiler.kineto_results.experimental_event_tree(),
+                          allocations, False)
+            collectives_own = set()  # addresses: the block's free is left out too
+            for time_ns, size, address, in_collective in sorted(allocations):
+                if size > 0 and in_collective:
+                    collectives_own.add(address)
+                    continue
+                if address in collectives_own:
+                    # Its free, or (freed by the backend's thread, unseen) a new block there.
+                    collectives_own.remove(address)
+                    if size < 0:
+                        continue
+                self.events.append((time_ns, size))
 
     def phase(self, name: str):
         """A named span (a profiler range) whose peak and end the trace reports."""
         return record_function(f"llmscale.memory.{name}")
 
-    def _collect(self, nodes) -> None:
+    def _collect(self, nodes, allocations, in_collective: bool) -> None:
         prefix = "llmscale.memory."
         for node in nodes:
             if node.tag == _EventType.Allocation:
-                self.events.append((node.start_time_ns, node.extra_fields.alloc_size))
+                fields = node.extra_fields
+                allocations.append((node.start_time_ns, fields.alloc_size, fields.ptr,
+                                    in_collective))
             elif node.name.startswith(prefix):
                 self._phases[node.name[len(prefix):]] = (node.start_time_ns, node.end_time_ns)
-            self._collect(node.children)
+            self._collect(node.children, allocations,
+                          in_collective or node.name.startswith("c10d::"))
 
     def _live(self, until_ns: int) -> Iterable[Tuple[int, int]]:
         live = 0
@@ -115,6 +133,9 @@ class StepMemory:
     backward_peak: int  # ... of the backward pass (gradients included)
     optimizer_peak: int  # ... of gradient clipping and the optimizer step (gradients included)
     loss: float
+    # Allocated in the step and never seen freed: 0, as the step frees all it allocates, unless
+    # the trace missed a free (made on another thread).
+    unfreed: int = 0
 
     @property
     def peak(self) -> int:
@@ -160,6 +181,7 @@ def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         backward_peak=trace.peak("backward"),
         optimizer_peak=trace.peak("optimizer"),
         loss=loss,
+        unfreed=trace.live_at_end(),
     )
 
 
@@ -180,7 +202,7 @@ def measure_llama_step(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
 @dataclass(frozen=True)
 class EstimateCheck:
     """llmscale.parallel.memory_plan's estimate of one device, one micro-batch, against
-    `measure_llama_step`."""
+    `measure_llama_step` or `measure_parallel_llama_step`."""
 
     estimate: MemoryEstimate
     measured: StepMemory
@@ -195,13 +217,23 @@ class EstimateCheck:
         """... of the bytes the forward pass saves."""
         return self.estimate.activations / self.measured.activations - 1
 
+    @property
+    def step_error(self) -> float:
+        """... of what the step adds to the states (the weights, the optimizer state, kept
+        buffers) at its fullest: activations, gradients and temporaries (see `check_estimate`
+        for bf16)."""
+        estimate = self.estimate
+        added = estimate.total - estimate.parameters - estimate.optimizer - estimate.buffers
+        return added / (self.measured.peak - self.measured.states) - 1
+
 
 def check_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
                    checkpointing: ActivationCheckpointing,
                    precision: Precision = Precision.fp32) -> EstimateCheck:
-    """Measure one step on CPU and estimate it. In bf16 only the activations compare: torch
-    AdamW on a bf16 model keeps bf16 moments, not the fp32 master weights and moments the
-    estimate counts."""
+    """Measure one step on CPU and estimate it. In bf16 the peaks do not compare: torch AdamW on
+    a bf16 model keeps bf16 moments, not the fp32 master weights and moments the estimate
+    counts, and its step's temporary is bf16 too; the activations do, and so does the step
+    beyond the states where its fullest moment is in the backward pass."""
     plan = ParallelPlan(world_size=1, dp=1, tp=1, pp=1, zero_stage=0,
                         micro_batch_size=micro_batch, grad_accum_steps=1,
                         global_batch_size=micro_batch)
@@ -211,14 +243,16 @@ def check_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
 
 
 def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_len: int,
-                                dtype: torch.dtype = torch.float32,
-                                seed: int = 0) -> StepMemory:
+                                dtype: torch.dtype = torch.float32, seed: int = 0,
+                                attempts: int = 5) -> StepMemory:
     """`measure_llama_step` of this rank's share of the model under `plan`'s tensor and sequence
     parallelism and activation checkpointing (pp 1, dp 1: every rank is a tensor-parallel
     rank). Needs torch.distributed with `plan.world_size` ranks; every rank builds the model
     and draws the micro-batch from the same seed, as tensor-parallel ranks do. Megatron's global
     buffer, which the sequence-parallel all-gathers reuse from the first step on, counts as
-    state: live from then on, it is allocated before the measured step."""
+    state: live from then on, it is allocated before the measured step. A step whose trace
+    missed a free (see `_collectives_release_their_tensors`) is measured again, up to
+    `attempts` steps."""
     from megatron.core.parallel_state import get_global_memory_buffer
 
     init_model_parallel(plan)
@@ -229,69 +263,17 @@ def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_
     labels = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
     buffers = get_global_memory_buffer().buffer
     buffers.clear()  # an earlier model's, maybe larger
-    with _collectives_release_their_tensors():
-        measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+    for _ in range(attempts):
+        with _collectives_release_their_tensors():
+            measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+        # Every rank measures again if any missed a free, so their collectives stay matched.
+        unfreed = torch.tensor(measured.unfreed)
+        dist.all_reduce(unfreed, op=dist.ReduceOp.MAX)
+        if unfreed.item() == 0:
+            break
+    else:
+        raise RuntimeError(f"the trace missed a free in each of {attempts} steps")
     return replace(measured, states=measured.states + tensor_bytes(buffers.values()))
-
-
-# The process-group methods torch.distributed's collectives call.
-_COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "all_gather_single",
-                "allgather_coalesced", "all_gather_single_coalesced", "reduce_scatter",
-                "reduce_scatter_single", "reduce_scatter_single_coalesced", "broadcast")
-
-
-@contextmanager
-def _collectives_release_their_tensors():
-    """gloo runs a collective on a worker thread, which holds the work, and through it the
-    tensors, until a moment after the caller's `wait` returns: when the caller drops a tensor in
-    that moment (a row-parallel layer's all-reduced output, added to the residual at once), the
-    worker frees it, and the profiler, which hears only the measuring thread's allocator, never
-    sees the free. Inside this, every collective waits for its work and lets go of it, then
-    returns once nothing else holds its tensors (the worker has let go too), so each is freed
-    when the model drops it, on the measuring thread, as it would be with NCCL."""
-    from torch._C._distributed_c10d import ProcessGroup, Work
-
-    class Done(Work):
-        def wait(self, timeout=None) -> bool:
-            return True
-
-        def is_completed(self) -> bool:
-            return True
-
-    def uses(storage) -> int:
-        return torch._C._storage_Use_Count(storage._cdata)
-
-    def settled(method):
-        def collective(group, *args, **kwargs):
-            storages = [tensor.untyped_storage() for tensor in _tensors(args)]
-            before = [uses(storage) for storage in storages]
-            work = method(group, *args, **kwargs)
-            work.wait()
-            del work
-            deadline = time.monotonic() + 10
-            while any(uses(storage) > count for storage, count in zip(storages, before)):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{method.__name__}: the backend kept its tensors")
-                time.sleep(0)
-            return Done()
-        return collective
-
-    originals = {name: ProcessGroup.__dict__[name] for name in _COLLECTIVES}
-    for name, method in originals.items():
-        setattr(ProcessGroup, name, settled(method))
-    try:
-        yield
-    finally:
-        for name, method in originals.items():
-            setattr(ProcessGroup, name, method)
-
-
-def _tensors(args) -> Iterable[torch.Tensor]:
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            yield arg
-        elif isinstance(arg, (list, tuple)):
-            yield from _tensors(arg)
 
 
 def check_parallel_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
@@ -311,3 +293,72 @@ def check_parallel_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: i
     dist.all_gather_object(ranks, measured)
     return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing),
                          max(ranks, key=lambda memory: memory.peak))
+
+
+WORKER_SETTLE_S = 0.001
+HOLDER_WAIT_S = 0.05
+# The process-group methods torch.distributed's collectives call.
+_COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "all_gather_single",
+                "allgather_coalesced", "all_gather_single_coalesced", "reduce_scatter",
+                "reduce_scatter_single", "reduce_scatter_single_coalesced", "broadcast")
+
+
+@contextmanager
+def _collectives_release_their_tensors():
+    """gloo runs a collective on a worker thread, which holds the work, and through it the
+    tensors, until a moment after the caller's `wait` returns, and is busy with it a moment
+    longer: a tensor the caller drops in that moment (a row-parallel layer's all-reduced output,
+    added to the residual at once) is freed there, or its free goes unrecorded, and the profiler
+    never sees it. Inside this, every collective waits for its work, lets go of it, and returns
+    once nothing else holds its tensors and the worker has had a millisecond to finish, so each
+    is freed when the model drops it, on the measuring thread, as it would be with NCCL.
+    `measure_parallel_llama_step` checks that nothing went unseen all the same."""
+    from torch._C._distributed_c10d import ProcessGroup, Work
+
+    class Done(Work):
+        def wait(self, timeout=None) -> bool:
+            return True
+
+        def is_completed(self) -> bool:
+            return True
+
+    def holders(tensors, storages) -> List[int]:
+        """References to each tensor and to each storage (a view is one to its storage)."""
+        return ([tensor._use_count() for tensor in tensors]
+                + [torch._C._storage_Use_Count(storage._cdata) for storage in storages])
+
+    def settled(method):
+        def collective(group, *args, **kwargs):
+            tensors = list(_tensors(args))
+            storages = [tensor.untyped_storage() for tensor in tensors]
+            before = holders(tensors, storages)
+            work = method(group, *args, **kwargs)
+            work.wait()
+            del work
+            # A holder that stays is not the backend's: selective checkpointing keeps an
+            # all-reduce's output, which is its input.
+            deadline = time.monotonic() + HOLDER_WAIT_S
+            while any(now > then for now, then in zip(holders(tensors, storages), before)):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0)
+            time.sleep(WORKER_SETTLE_S)
+            return Done()
+        return collective
+
+    originals = {name: ProcessGroup.__dict__[name] for name in _COLLECTIVES}
+    for name, method in originals.items():
+        setattr(ProcessGroup, name, settled(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(ProcessGroup, name, method)
+
+
+def _tensors(args) -> Iterable[torch.Tensor]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            yield arg
+        elif isinstance(arg, (list, tuple)):
+            yield from _tensors(arg)

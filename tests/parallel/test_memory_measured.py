@@ -1,9 +1,14 @@
 """llmscale/parallel/memory_plan.py against the measured memory of CPU training steps
-(llmscale.train.memory), and activation checkpointing: less memory, the same numbers.
-tools/measure_memory.py prints the larger matrix."""
+(llmscale.train.memory), one process and tensor-parallel on two, and activation
+checkpointing: less memory, the same numbers. tools/measure_memory.py prints the larger
+matrices."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
+from launching import REPO_ROOT, clean_env
 
 from llmscale.config.schema import ActivationCheckpointing, ModelConfig
 from llmscale.models.llama import Llama
@@ -11,6 +16,7 @@ from llmscale.parallel.activation_checkpointing import apply_activation_checkpoi
 from llmscale.train.memory import AllocationTrace, check_estimate
 
 MiB = 2**20
+TOOL = REPO_ROOT / "tools" / "measure_memory.py"
 MODES = list(ActivationCheckpointing)
 # conf/model/tiny.yaml (byte vocabulary padded to 320), and an untied multi-head model.
 TINY = ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -69,3 +75,22 @@ def test_checkpointing_gives_identical_losses_and_gradients() -> None:
         # Recomputation runs the same kernels on the same inputs: bit for bit.
         for name, grad in grads.items():
             assert torch.equal(grad, reference_grads[name]), (mode, name)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_estimate_is_within_20_percent_of_each_ranks_peak() -> None:
+    """tp 2 on two gloo ranks, without and with sequence parallelism, in each checkpointing
+    mode it measures: the first rows of `measure_memory.py --tensor-parallel`."""
+    result = subprocess.run([sys.executable, str(TOOL), "--tensor-parallel", "--quick"],
+                            cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("tiny ")]
+    assert len(rows) == 5, result.stdout
+    assert {row[0].split()[-1] for row in rows} == {"off", "on"}  # sequence parallelism
+    assert {row[0].split()[3] for row in rows} == {mode.value for mode in MODES}
+    for row in rows:
+        peak_error, activation_error = (float(row[column].split()[2].rstrip("%")) / 100
+                                        for column in (1, 2))
+        assert abs(peak_error) < 0.20, row
+        assert abs(activation_error) < 0.02, row

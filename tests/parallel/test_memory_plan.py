@@ -18,6 +18,8 @@ from llmscale.parallel.memory_plan import (
     estimate,
     fitting_plans,
     layer_activation_bytes,
+    layer_backward_bytes,
+    output_backward_bytes,
     stage_parameters,
 )
 
@@ -125,6 +127,52 @@ def test_activations_per_layer_by_recompute_and_tp() -> None:
     # tensor-parallel rank.
     assert layer_activation_bytes(*args, 2, NONE, Precision.bf16, sequence_parallel=False) == (
         SEQUENCE_REGION + TENSOR_REGION / 2) * TOKENS
+    # selective at tp 2: the layer input 2*64 / 2, the column-parallel outputs and attention's
+    # (2*(64 + 2*32 + 2*128) + 2*64 + 16) / 2 = 456, and o_proj's and down_proj's outputs whole
+    # on every rank (partial sums before the reduction), 2 x 2*64.
+    assert layer_activation_bytes(*args, 2, SELECTIVE, Precision.bf16) == (
+        64 + 456 + 256) * TOKENS
+
+
+def test_layer_backward_by_tp() -> None:
+    args = (MODEL, SEQ, MICRO)
+    assert layer_backward_bytes(*args, 1, NONE, Precision.bf16) == LAYER_BACKWARD_BYTES
+    # tp 2: the layer output's gradient 2*64 / 2 and SwiGLU's 2 x 2*128 / 2; the post-attention
+    # norm's backward, five fp32 temporaries 20*64 less its two outputs 2 x 2*64 (/ 2) and less
+    # SwiGLU's four i-wide tensors 4 x 2*128 / 2, is 0.
+    assert layer_backward_bytes(*args, 2, NONE, Precision.bf16) == (64 + 256) * TOKENS
+    # Without sequence parallelism the norm's temporaries are whole: 1,024 - 512 beats 256.
+    assert layer_backward_bytes(*args, 2, NONE, Precision.bf16, sequence_parallel=False) == (
+        128 + 512) * TOKENS
+
+
+def test_vocabulary_parallel_loss_backward() -> None:
+    args = (MODEL, SEQ, MICRO)
+    assert output_backward_bytes(*args, 1, Precision.bf16) == LOSS_BACKWARD_BYTES
+    # Megatron's loss writes the gradient over its fp32 softmax: in fp32 nothing is new until
+    # lm_head's backward, its input's gradient 4*64 (whole without sequence parallelism) and its
+    # weight's; the final norm's backward, 20*64 - 2 x 4*64 less the softmax 4*128, ties.
+    assert output_backward_bytes(*args, 2, Precision.fp32, False, 1_000) == (
+        4 * 64 * TOKENS + 1_000)
+    # In bf16 the cast's backward copies the gradient, 2*128. lm_head's backward holds that
+    # copy, the fp32 gradient freed, and its input's gradient, with sequence parallelism whole
+    # and reduce-scattered, 2*64 * (1 + 1/2): fuller only with a large weight gradient.
+    assert output_backward_bytes(*args, 2, Precision.bf16, True) == 2 * 128 * TOKENS
+    assert output_backward_bytes(*args, 2, Precision.bf16, True, 30_000) == (
+        (2 * 128 - 4 * 128 + 192) * TOKENS + 30_000)
+
+
+def test_sequence_parallelism_keeps_an_all_gather_buffer() -> None:
+    memory = estimate(MODEL, plan(dp=1, tp=2), SEQ, Precision.bf16, NONE)
+    assert memory.buffers == TOKENS * 64 * 2  # one [s, b, h] in bf16
+    # tp 2: 4 x (36,864 / 2 + 128) + 2 x 16,384 / 2 + 64 parameters; with one micro-batch the
+    # optimizer step (gradients and AdamW's temporary, 2 + 4 bytes each) is the fullest moment.
+    params = 4 * (18_432 + 128) + 16_384 + 64
+    assert memory.moment == "optimizer step"
+    assert memory.total == (2 + 12) * params + memory.buffers + (2 + 4) * params
+    without = estimate(MODEL, plan(dp=1, tp=2, sequence_parallel=False), SEQ, Precision.bf16,
+                       NONE)
+    assert without.buffers == 0
 
 
 def test_first_pipeline_stage_holds_pp_micro_batches() -> None:

@@ -41,6 +41,9 @@ def assert_same_curve(run_dir, reference: dict) -> None:
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true"], id="tp2-sp"),
     pytest.param(2, ["parallel.tp=2", "parallel.sequence_parallel=true",
                      "parallel.activation_checkpointing=full"], id="tp2-sp-full-recompute"),
+    # Row-parallel layers all-reduce in place: a recompute must not reduce again.
+    pytest.param(2, ["parallel.tp=2", "parallel.activation_checkpointing=selective"],
+                 id="tp2-selective-recompute"),
     pytest.param(2, ["parallel.pp=2"], id="pp2"),
     pytest.param(2, ["parallel.pp=2", "parallel.activation_checkpointing=selective"],
                  id="pp2-selective-recompute"),
