@@ -77,6 +77,14 @@ def main(argv) -> int:
           "one's most, which they do not all reach at once)")
     print(f"  {verdict} in {budget:.1f} of {args.gpu_memory:g} GiB ({MARGIN:.0%} kept for "
           "allocator fragmentation, workspaces, CUDA context and NCCL buffers)")
+    # Under 1F1B, stage i of pp holds pp - i micro-batches' activations at once.
+    in_flight = plan.pp - memory.stage
+    per_mode = {mode: estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, mode)
+                for mode in ActivationCheckpointing}
+    per_micro_batch = ", ".join(f"{mode.value} {each.activations / in_flight / GiB:.2f}"
+                                for mode, each in per_mode.items())
+    print(f"  activations of one micro-batch on stage {memory.stage} ({in_flight} in flight), "
+          f"by recompute, GiB: {per_micro_batch}")
 
     options = fitting_plans(cfg, args.world_size, device_bytes)
     print(f"\nplans of {args.world_size} ranks that fit {budget:.1f} GiB: {len(options)}; "
