@@ -18,7 +18,7 @@ import argparse
 import os
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from deepspeed.checkpoint.constants import (
@@ -98,7 +98,7 @@ def universal_parameter_dirs(step_dir: Path, saved_pp: int) -> Dict[str, Path]:
     """The converted checkpoint's folder of each parameter, by the model's own (Hugging Face)
     parameter name."""
     zero_dir = step_dir / UNIVERSAL_DIR / "zero"
-    naming = canonical_name if saved_pp > 1 else _same_name
+    naming = _model_naming(saved_pp)
     return {naming(path.name): path for path in zero_dir.iterdir() if path.is_dir()}
 
 
@@ -107,7 +107,7 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
     and pipeline sizes. Covers what `engine.load_checkpoint` would: weights, Adam moments and
     step, LR schedule, the engine's step counters."""
     folders = universal_parameter_dirs(step_dir, saved_pp)
-    naming = canonical_name if plan.pp > 1 else _same_name
+    naming = _model_naming(plan.pp)
     optimizer = engine.optimizer
     zero3 = plan.zero_stage == 3
     flat_masters = (optimizer.fp32_partitioned_groups_flat if zero3
@@ -147,6 +147,11 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
     engine.global_steps = engine_state["global_steps"]
     engine.global_samples = engine_state["global_samples"]
     engine.skipped_steps = engine_state["skipped_steps"]
+
+
+def _model_naming(pp: int) -> Callable[[str], str]:
+    """The model's own parameter name of a parameter of a layout with `pp` stages."""
+    return canonical_name if pp > 1 else _same_name
 
 
 def _same_name(name: str) -> str:

@@ -193,10 +193,17 @@ def measure_llama_step(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
     torch.manual_seed(seed)
     model = Llama(model_cfg).to(dtype)
     apply_activation_checkpointing(model, checkpointing)
+    return measure_training_step(*_optimizer_and_loss(model, model_cfg, micro_batch, seq_len))
+
+
+def _optimizer_and_loss(model: torch.nn.Module, model_cfg: ModelConfig, micro_batch: int,
+                        seq_len: int):
+    """torch AdamW (foreach, as on GPUs) and the loss of a micro-batch of random token ids,
+    drawn from the generator as it stands (the same on every rank after the same seed)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     input_ids = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
     labels = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
-    return measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+    return model, optimizer, lambda: model(input_ids, labels)
 
 
 @dataclass(frozen=True)
@@ -234,11 +241,9 @@ def check_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
     a bf16 model keeps bf16 moments, not the fp32 master weights and moments the estimate
     counts, and its step's temporary is bf16 too; the activations do, and so does the step
     beyond the states where its fullest moment is in the backward pass."""
-    plan = ParallelPlan(world_size=1, dp=1, tp=1, pp=1, zero_stage=0,
-                        micro_batch_size=micro_batch, grad_accum_steps=1,
-                        global_batch_size=micro_batch)
-    dtype = torch.float32 if precision == Precision.fp32 else torch.bfloat16
-    measured = measure_llama_step(model_cfg, seq_len, micro_batch, checkpointing, dtype)
+    plan = _measured_plan(1, micro_batch, False, checkpointing)
+    measured = measure_llama_step(model_cfg, seq_len, micro_batch, checkpointing,
+                                  _dtype(precision))
     return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing), measured)
 
 
@@ -257,15 +262,13 @@ def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_
 
     init_model_parallel(plan)
     torch.manual_seed(seed)
-    model = parallelize(Llama(model_cfg), plan).to(dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    input_ids = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
-    labels = torch.randint(0, model_cfg.vocab_size, (plan.micro_batch_size, seq_len))
+    step = _optimizer_and_loss(parallelize(Llama(model_cfg), plan).to(dtype), model_cfg,
+                               plan.micro_batch_size, seq_len)
     buffers = get_global_memory_buffer().buffer
     buffers.clear()  # an earlier model's, maybe larger
     for _ in range(attempts):
         with _collectives_release_their_tensors():
-            measured = measure_training_step(model, optimizer, lambda: model(input_ids, labels))
+            measured = measure_training_step(*step)
         # Every rank measures again if any missed a free, so their collectives stay matched.
         unfreed = torch.tensor(measured.unfreed)
         dist.all_reduce(unfreed, op=dist.ReduceOp.MAX)
@@ -283,16 +286,25 @@ def check_parallel_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: i
     world size; every rank must call it): the rank that measures the most against the
     estimate."""
     tp = dist.get_world_size()
-    plan = ParallelPlan(world_size=tp, dp=1, tp=tp, pp=1, zero_stage=0,
-                        micro_batch_size=micro_batch, grad_accum_steps=1,
-                        global_batch_size=micro_batch, sequence_parallel=sequence_parallel,
-                        activation_checkpointing=checkpointing)
-    dtype = torch.float32 if precision == Precision.fp32 else torch.bfloat16
-    measured = measure_parallel_llama_step(model_cfg, plan, seq_len, dtype)
+    plan = _measured_plan(tp, micro_batch, sequence_parallel, checkpointing)
+    measured = measure_parallel_llama_step(model_cfg, plan, seq_len, _dtype(precision))
     ranks = [None] * tp
     dist.all_gather_object(ranks, measured)
     return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing),
                          max(ranks, key=lambda memory: memory.peak))
+
+
+def _measured_plan(tp: int, micro_batch: int, sequence_parallel: bool,
+                   checkpointing: ActivationCheckpointing) -> ParallelPlan:
+    """What the measurements run: one micro-batch, ZeRO-0, every rank tensor-parallel."""
+    return ParallelPlan(world_size=tp, dp=1, tp=tp, pp=1, zero_stage=0,
+                        micro_batch_size=micro_batch, grad_accum_steps=1,
+                        global_batch_size=micro_batch, sequence_parallel=sequence_parallel,
+                        activation_checkpointing=checkpointing)
+
+
+def _dtype(precision: Precision) -> torch.dtype:
+    return torch.float32 if precision == Precision.fp32 else torch.bfloat16
 
 
 WORKER_SETTLE_S = 0.001
