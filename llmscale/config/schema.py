@@ -140,6 +140,8 @@ class OptimConfig:
     warmup_steps: int = 10
     decay: LRDecay = LRDecay.cosine
     clip_grad: float = 1.0
+    # torch's fused AdamW kernel (one launch for all parameters). None: on with CUDA.
+    fused: Optional[bool] = None
 
 
 @dataclass
@@ -153,6 +155,13 @@ class TrainConfig:
     # None: derived as global_batch_size / (micro_batch_size * dp).
     grad_accum_steps: Optional[int] = None
     precision: Precision = Precision.fp32
+    # torch.compile each decoder layer, and the output loss, separately. None: on with CUDA
+    # where it applies (no tensor parallelism, no MoE, ZeRO below 3).
+    compile: Optional[bool] = None
+    # The output layer and cross-entropy over chunks of tokens, gradients computed chunk by
+    # chunk, so the [tokens, vocab] fp32 logits never exist at once. None: on with CUDA where
+    # it applies (no tensor parallelism, whose vocabulary-parallel loss splits the logits).
+    fused_loss: Optional[bool] = None
     seed: int = 42
     eval_interval: int = 50
     # Global batches of held-out samples per evaluation (the same samples for any dp size).

@@ -7,6 +7,8 @@ bad plan costs one edit instead of one cluster allocation per mistake.
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
+
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import ActivationCheckpointing, AnomalyPolicy, LLMScaleConfig
 
@@ -25,6 +27,10 @@ class ParallelPlan:
     # Resolved: on only where it takes effect (tp > 1).
     sequence_parallel: bool = False
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    # The fast paths, resolved (train.compile, train.fused_loss, optim.fused).
+    compile: bool = False
+    fused_loss: bool = False
+    fused_optimizer: bool = False
 
     def describe(self) -> str:
         extras = "".join((
@@ -32,6 +38,9 @@ class ParallelPlan:
             ", sequence parallel" if self.sequence_parallel else "",
             f", {self.activation_checkpointing.value} activation checkpointing"
             if self.activation_checkpointing is not ActivationCheckpointing.none else "",
+            ", compiled layers" if self.compile else "",
+            ", fused loss" if self.fused_loss else "",
+            ", fused AdamW" if self.fused_optimizer else "",
         ))
         return (
             f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}{extras}, "
@@ -122,6 +131,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             "model.tie_embeddings=false"
         )
     errors.extend(_expert_rules(cfg))
+    errors.extend(_fast_path_rules(cfg))
     if model.num_layers % par.pp:
         errors.append(
             f"parallel.pp={par.pp} does not divide model.num_layers={model.num_layers}: use "
@@ -234,7 +244,41 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         ep=par.ep,
         sequence_parallel=sequence_parallel,
         activation_checkpointing=par.activation_checkpointing,
+        compile=_resolve(train.compile, _compile_applies(cfg)),
+        fused_loss=_resolve(train.fused_loss, par.tp == 1),
+        fused_optimizer=_resolve(optim.fused, True),
     )
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _resolve(switch: Optional[bool], applies: bool) -> bool:
+    """An unset fast-path switch is on with CUDA wherever it applies: on a CPU the plain paths
+    are as fast, and the ones the tests compare against."""
+    return switch if switch is not None else applies and on_cuda()
+
+
+def _compile_applies(cfg: LLMScaleConfig) -> bool:
+    # ZeRO-3 gathers each layer's weights in hooks that split a compiled graph at every layer.
+    return cfg.parallel.tp == 1 and cfg.model.num_experts == 0 and cfg.parallel.zero_stage < 3
+
+
+def _fast_path_rules(cfg: LLMScaleConfig) -> List[str]:
+    errors = []
+    if cfg.train.compile and cfg.parallel.tp > 1:
+        errors.append(
+            f"train.compile=true with parallel.tp={cfg.parallel.tp}: megatron-core's "
+            "tensor-parallel layers do not compile (Megatron-LM#2598); set train.compile=false "
+            "or parallel.tp=1"
+        )
+    if cfg.train.fused_loss and cfg.parallel.tp > 1:
+        errors.append(
+            f"train.fused_loss=true with parallel.tp={cfg.parallel.tp}: the vocabulary-parallel "
+            "loss already keeps only 1/tp of the logits per rank; set train.fused_loss=false"
+        )
+    return errors
 
 
 def _expert_rules(cfg: LLMScaleConfig) -> List[str]:

@@ -18,20 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmscale.config.schema import ModelConfig
+from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
 from llmscale.models.moe import MoEFeedForward
-
-IGNORE_INDEX = -100
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token losses [S, B] of logits [S, B, V] in fp32; ignored targets give 0."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none",
                            ignore_index=IGNORE_INDEX).view(labels.shape)
-
-
-def mean_over_targets(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    targets = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return token_losses.sum() / targets
 
 
 class RMSNorm(nn.Module):
@@ -48,7 +42,8 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_seq_len, shaped [max_seq_len, head_dim]."""
+    """cos/sin tables for every position up to max_seq_len, shaped [max_seq_len, head_dim],
+    kept in fp32 and, once asked for, in the compute dtype: every layer reads the same cast."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
@@ -58,6 +53,7 @@ class RotaryEmbedding(nn.Module):
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self._cast_tables = {}
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -71,12 +67,22 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.cos.copy_(angles.cos())
             self.sin.copy_(angles.sin())
+        self._cast_tables.clear()
 
-    def forward(self, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [seq_len, head_dim]."""
+    def _apply(self, fn, recurse=True):
+        self._cast_tables.clear()  # cast from the moved or converted tables when next asked
+        return super()._apply(fn, recurse)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [seq_len, head_dim] in `dtype`."""
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.max_seq_len}")
-        return self.cos[:seq_len], self.sin[:seq_len]
+        if torch.compiler.is_compiling():  # a compiled graph fuses the cast into its consumers
+            return self.cos[:seq_len].to(dtype), self.sin[:seq_len].to(dtype)
+        if dtype not in self._cast_tables:
+            self._cast_tables[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        cos, sin = self._cast_tables[dtype]
+        return cos[:seq_len], sin[:seq_len]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -107,7 +112,7 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         seq_len, batch = q.shape[:2]
         q, k, v = (t.view(seq_len, batch, -1, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
-        cos, sin = rope(seq_len)
+        cos, sin = rope(seq_len, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # enable_gqa only when needed: with it set, some fused kernels are ruled out.
         out = F.scaled_dot_product_attention(
@@ -186,7 +191,9 @@ class Llama(nn.Module):
         self.init_seed = int(torch.randint(2**31 - 1, (), device="cpu"))
         self.model = Decoder(cfg, cfg.vocab_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # The plain loss; parallelism or `use_fused_loss` swap them from outside.
         self.token_losses = token_cross_entropy
+        self.fused_loss: Optional[LinearCrossEntropy] = None
         self.init_weights()
 
     @torch.no_grad()
@@ -216,27 +223,31 @@ class Llama(nn.Module):
         generator = torch.Generator().manual_seed(self.init_seed + zlib.crc32(name.encode()))
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The last layer's output [S, B, H] to logits [S, B, V]."""
-        return self.lm_head(self.model.norm(hidden))
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean token cross-entropy of logits [S, B, V] against labels [B, S] (already shifted:
-        labels[b, t] is the target at position t, -100 ignored), computed in fp32; in training,
-        plus the MoE layers' load-balancing loss."""
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy of the output layer over the final hidden states [S, B, H]
+        against labels [B, S] (already shifted: labels[b, t] is the target at position t, -100
+        ignored), computed in fp32; in training, plus the MoE layers' load-balancing loss."""
         labels = labels.t()
-        loss = mean_over_targets(self.token_losses(logits, labels), labels)
+        if self.fused_loss:
+            loss_sum = self.fused_loss(hidden, self.lm_head.weight, labels)
+        else:
+            loss_sum = self.token_losses(self.lm_head(hidden), labels).sum()
+        loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
         if self.cfg.num_experts and self.training:
             # Evaluation reports the language-model loss alone.
             aux_losses = [layer.mlp.aux_loss for layer in self.model.layers]
             loss = loss + self.cfg.moe_aux_loss_coef * torch.stack(aux_losses).sum()
         return loss
 
+    def use_fused_loss(self) -> None:
+        """Compute the loss with `LinearCrossEntropy`: logits one chunk of tokens at a time."""
+        self.fused_loss = LinearCrossEntropy(self.cfg.vocab_size)
+
     def forward(
         self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Logits [B, S, V]; or, given labels, the loss (see `loss`)."""
-        logits = self.lm_head(self.model(input_ids))
+        hidden = self.model(input_ids)
         if labels is None:
-            return logits.transpose(0, 1)
-        return self.loss(logits, labels)
+            return self.lm_head(hidden).transpose(0, 1)
+        return self.loss(hidden, labels)

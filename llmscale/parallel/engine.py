@@ -11,8 +11,11 @@ from llmscale.parallel.topology import DeepSpeedGroups
 from llmscale.train.lr_schedule import build_lr_scheduler
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig) -> torch.optim.AdamW:
-    """AdamW without weight decay on norm weights (the 1-D parameters), as in Megatron.
+def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig,
+                    plan: ParallelPlan) -> torch.optim.AdamW:
+    """AdamW without weight decay on norm weights (the 1-D parameters), as in Megatron; torch's
+    fused kernel where the plan says so (checked at the first step, once the parameters sit on
+    their device).
 
     A torch optimizer object is handed to DeepSpeed because naming AdamW in its JSON config
     selects FusedAdam, which JIT-compiles for minutes on CPU."""
@@ -31,11 +34,12 @@ def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig) -> torch.optim.
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
+        fused=plan.fused_optimizer or None,  # None: torch's default kernel choice
     )
 
 
 def build_engine(model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan):
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, plan)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     config = build_deepspeed_config(cfg, plan)
     # A pipeline module brings its own topology; otherwise tensor parallelism needs DeepSpeed

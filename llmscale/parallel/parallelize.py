@@ -1,6 +1,6 @@
-"""The plan applied to a built model: tensor/sequence or expert parallelism, activation
-checkpointing, then the cut into pipeline stages. Data parallelism and ZeRO are DeepSpeed's
-engine's part."""
+"""The plan applied to a built model: tensor/sequence or expert parallelism, the fused loss,
+activation checkpointing, compilation, then the cut into pipeline stages. Data parallelism and
+ZeRO are DeepSpeed's engine's part."""
 
 from typing import List
 
@@ -10,6 +10,7 @@ from torch import nn
 from llmscale.config.validate import ParallelPlan
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
+from llmscale.parallel.compile import apply_compile
 from llmscale.parallel.expert_parallel import apply_expert_parallel
 from llmscale.parallel.pipeline import build_pipeline, local_stages, pipeline_stages
 from llmscale.parallel.tensor_parallel import (
@@ -27,7 +28,11 @@ def parallelize(model: Llama, plan: ParallelPlan) -> nn.Module:
         apply_tensor_parallel(model, plan.sequence_parallel)
     if plan.ep > 1:
         apply_expert_parallel(model, plan.ep)
+    if plan.fused_loss:
+        model.use_fused_loss()
     apply_activation_checkpointing(model, plan.activation_checkpointing)
+    if plan.compile:
+        apply_compile(model)
     stages = pipeline_stages(model) if plan.pp > 1 else [model]
     if any(param.is_meta for param in model.parameters()):
         _initialize_shards(local_stages(stages, plan) if plan.pp > 1 else stages, model, plan)

@@ -42,13 +42,16 @@ class DecoderStage(nn.Module):
 
 
 class HeadStage(nn.Module):
+    """The final norm; the output layer is held here, and run by the model's loss (`loss_fn`),
+    which may fuse it with the cross-entropy."""
+
     def __init__(self, norm: RMSNorm, lm_head: nn.Module) -> None:
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.norm(hidden)
 
 
 def pipeline_stages(model: Llama) -> List[nn.Module]:
@@ -75,7 +78,7 @@ def build_pipeline(model: Llama, stages: List[nn.Module], plan: ParallelPlan) ->
         layers=stages,
         topology=PipeModelDataParallelTopology(num_pp=plan.pp, num_mp=plan.tp, num_dp=plan.dp),
         # Looked up at each call, so that a loss wrapped after the build (fault injection) counts.
-        loss_fn=lambda logits, labels: model.loss(logits, labels),
+        loss_fn=lambda hidden, labels: model.loss(hidden, labels),
         partition_method=f"type:{DecoderStage.__name__}",
     )
 

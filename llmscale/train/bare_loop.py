@@ -4,7 +4,8 @@ that the DeepSpeed trainer is measured against (tools/bench.py, tools/bench_over
     python -m llmscale.train.bare_loop +exp=tiny key=value ...
 
 One process, one device. It sets up as `pretrain` does (seeding, sample order, AdamW param
-groups, LR schedule, clipping; bf16 autocast when train.precision=bf16), times each step as the
+groups, LR schedule, clipping, the plan's compiled layers, fused loss and fused AdamW; bf16
+autocast when train.precision=bf16), times each step as the
 trainer does (batch collation outside the timer, the copy to the device inside) and writes the
 trainer's per-step metrics to <train.run_dir>/metrics.jsonl, so that a benchmark reads both runs
 alike. No evaluation, no checkpoints.
@@ -26,6 +27,7 @@ from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.models import Llama, flops_per_token
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_optimizer
+from llmscale.parallel.parallelize import parallelize
 from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.lr_schedule import build_lr_scheduler
 from llmscale.train.memory import peak_memory_metrics
@@ -64,10 +66,11 @@ class BareLoop:
     """model(inputs, labels); (loss / accum).backward() per micro-batch; clip_grad_norm_;
     optimizer.step(); zero_grad(); scheduler.step(); loss.item()."""
 
-    def __init__(self, model: torch.nn.Module, cfg: LLMScaleConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: LLMScaleConfig, plan: ParallelPlan,
+                 device: torch.device):
         self.model = model.to(device).train()
         self.device = device
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, plan)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.clip_grad = cfg.optim.clip_grad
         self.bf16 = cfg.train.precision == Precision.bf16
@@ -98,7 +101,7 @@ def train_bare(cfg: LLMScaleConfig) -> Path:
     ctx = init_distributed()  # the trainer's device choice and CPU thread count
     batches = load_training_batches(cfg, plan, ctx.rank)
     seed_everything(cfg.train.seed)
-    loop = BareLoop(Llama(cfg.model), cfg, ctx.device)
+    loop = BareLoop(parallelize(Llama(cfg.model), plan), cfg, plan, ctx.device)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), 1,
                             peak_tflops(ctx.device))

@@ -29,10 +29,10 @@ def inject_loss_faults(model: Llama, cfg: TrainConfig, global_batch_size: int,
 
     loss = model.loss
 
-    def scaled_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def scaled_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Training steps only: evaluation runs without gradients.
         factor = factors.get(consumed_samples()) if torch.is_grad_enabled() else None
-        value = loss(logits, labels)
+        value = loss(hidden, labels)
         return value if factor is None else value * factor
 
     model.loss = scaled_loss

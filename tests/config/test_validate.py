@@ -1,6 +1,7 @@
 """Every cross-field rule of `validate`: each bad value must be named with its field, its value
 and the fix, and every failing rule must be reported in the same error."""
 
+import sys
 from pathlib import Path
 from typing import List
 
@@ -330,6 +331,7 @@ def test_plan_describes_itself() -> None:
 
 # (experiment, its model, a world size it is meant for, the data-parallel size and accumulation)
 EXPERIMENT_SCALES = [("tiny", "tiny", 1, 1, 2), ("125m", "125m", 8, 8, 4), ("1b", "1b", 8, 8, 16),
+                     ("1_3b", "1_3b", 8, 8, 4),
                      ("7b", "7b", 8, 8, 128), ("13b", "13b", 16, 8, 128), ("70b", "70b", 64, 2, 512),
                      ("continued_smollm2", "smollm2_135m", 2, 2, 1)]
 
@@ -347,3 +349,33 @@ def test_shipped_experiments_validate(
 def test_every_experiment_is_covered() -> None:
     shipped = sorted(path.stem for path in (REPO_ROOT / "conf" / "exp").glob("*.yaml"))
     assert shipped == sorted(experiment for experiment, *_ in EXPERIMENT_SCALES)
+
+
+def test_fast_paths_are_on_with_cuda_where_they_apply(monkeypatch) -> None:
+    monkeypatch.setattr(sys.modules["llmscale.config.validate"], "on_cuda", lambda: True)
+    plan = validate(load_config(BASE), 1)
+    assert (plan.compile, plan.fused_loss, plan.fused_optimizer) == (True, True, True)
+    assert "compiled layers, fused loss, fused AdamW" in plan.describe()
+    tensor_parallel = validate(load_config(BASE + ["parallel.tp=2"]), 2)
+    assert (tensor_parallel.compile, tensor_parallel.fused_loss) == (False, False)
+    assert not validate(load_config(BASE + ["parallel.zero_stage=3"]), 1).compile
+    assert not validate(load_config(BASE + ["model=moe_tiny"]), 1).compile
+    switched_off = validate(load_config(
+        BASE + ["train.compile=false", "train.fused_loss=false", "optim.fused=false"]), 1)
+    assert (switched_off.compile, switched_off.fused_loss, switched_off.fused_optimizer) == (
+        False, False, False)
+
+
+def test_fast_paths_are_off_on_a_cpu_unless_asked_for() -> None:
+    plan = validate(load_config(BASE), 1)
+    assert (plan.compile, plan.fused_loss, plan.fused_optimizer) == (False, False, False)
+    asked = validate(load_config(BASE + ["train.compile=true", "train.fused_loss=true",
+                                         "optim.fused=true"]), 1)
+    assert (asked.compile, asked.fused_loss, asked.fused_optimizer) == (True, True, True)
+
+
+def test_fast_paths_that_do_not_apply_are_refused() -> None:
+    message = config_error(["parallel.tp=2", "train.compile=true", "train.fused_loss=true"], 2)
+    assert "train.compile=true with parallel.tp=2" in message
+    assert "set train.compile=false" in message
+    assert "train.fused_loss=true with parallel.tp=2" in message

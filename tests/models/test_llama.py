@@ -219,3 +219,17 @@ def test_flops_matmul_term_is_the_models_linear_weights() -> None:
     linear_weights = sum(m.weight.numel() for m in linears)
     attention_term = 12 * cfg.num_layers * cfg.hidden_size * 8
     assert flops_per_token(cfg, 8) == 6 * linear_weights + attention_term
+
+
+def test_rope_tables_are_cast_once_and_follow_the_model() -> None:
+    rope = Llama(TINY).model.rotary_emb
+    cos, sin = rope(16, torch.bfloat16)
+    again_cos, _ = rope(8, torch.bfloat16)
+    assert cos.dtype == torch.bfloat16
+    assert again_cos.data_ptr() == cos.data_ptr()  # the same cast table, not a new cast
+    assert torch.equal(cos, rope.cos[:16].to(torch.bfloat16))
+    assert torch.equal(sin, rope.sin[:16].to(torch.bfloat16))
+    rope.double()  # moving or converting the module drops the casts made from the old tables
+    cos64, _ = rope(16, torch.bfloat16)
+    assert cos64.data_ptr() != cos.data_ptr()
+    assert torch.equal(cos64, rope.cos[:16].to(torch.bfloat16))
