@@ -26,6 +26,8 @@ tokens/s and its peak device memory are the trainer's figures, undisturbed by th
 
 FLOPs per token are 6 N + 12 L H S (N: matmul weights, lm_head included; no halving for causal
 attention: PaLM's and torchtitan's convention). MFU is against the device's dense bf16 peak.
+On CUDA the memory figures are what the two loops' weights and optimizer states hold together
+(resident) and what each loop's step adds at its peak (activations, gradients, temporaries).
 Printed, and with --output written to DIR as overhead.csv and overhead.json.
 """
 
@@ -64,7 +66,8 @@ from llmscale.train.trainer import pretrain, seed_everything  # noqa: E402
 
 COLUMNS = ["model", "seq_len", "micro_batch_size", "tokens_per_s", "bare_tokens_per_s", "vs_bare",
            "tflops", "bare_tflops", "mfu", "bare_mfu", "pretrain_tokens_per_s", "pretrain_mfu",
-           "pretrain_peak_memory_gib", "bare_step_memory_gib", "max_loss_diff", "plan"]
+           "pretrain_peak_memory_gib", "step_memory_gib", "bare_step_memory_gib",
+           "resident_memory_gib", "max_loss_diff", "plan"]
 
 
 def llmscale_step(engine, batches, device: torch.device) -> float:
@@ -114,9 +117,11 @@ def compare(cfg: LLMScaleConfig, ctx: DistributedContext, warmup: int, steps: in
                 "bare": (bare.step, batches)}
         for name in (["llmscale", "bare"] if step % 2 else ["bare", "llmscale"]):
             losses[name].append(timers[name].run(*runs[name], keep=step >= warmup))
+    resident = torch.cuda.memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
     ratios = [a / b for a, b in zip(timers["llmscale"].seconds, timers["bare"].seconds)]
     diffs = [abs(a - b) for a, b in zip(losses["llmscale"], losses["bare"])]
     return {"plan": plan.describe(), "timers": timers, "losses": losses,
+            "resident_memory_gib": resident,
             "vs_bare": 1 / statistics.median(ratios), "max_loss_diff": max(diffs)}
 
 
@@ -165,6 +170,7 @@ def measure(base: LLMScaleConfig, ctx: DistributedContext, micro_batch_size: Opt
            "tokens_per_s": ours["tokens_per_s"], "bare_tokens_per_s": bare["tokens_per_s"],
            "tflops": ours["tflops_per_device"], "bare_tflops": bare["tflops_per_device"],
            "mfu": ours.get("mfu"), "bare_mfu": bare.get("mfu"),
+           "step_memory_gib": timers["llmscale"].step_memory_gib or None,
            "bare_step_memory_gib": timers["bare"].step_memory_gib or None, **result}
     _release_device_memory()
     if pretrain_check:
@@ -195,6 +201,10 @@ def print_row(row: Dict) -> None:
           f"  bare     {row['bare_tokens_per_s']:12,.0f} tokens/s {row['bare_tflops']:8.2f} "
           f"TFLOP/s MFU {_cell(row['bare_mfu'], '.1%')}\n"
           f"  llmscale / bare tokens/s: {row['vs_bare']:.3f} (median of per-step ratios)")
+    if row["resident_memory_gib"] is not None:
+        print(f"  memory: {row['resident_memory_gib']:.1f} GiB resident (both loops' weights and "
+              f"optimizer states); a step adds {row['step_memory_gib']:.1f} GiB (llmscale), "
+              f"{row['bare_step_memory_gib']:.1f} GiB (bare)")
     if "pretrain_tokens_per_s" in row:
         print(f"  pretrain() alone: {_cell(row['pretrain_tokens_per_s'], ',.0f')} tokens/s, "
               f"MFU {_cell(row['pretrain_mfu'], '.1%')}, peak memory "

@@ -30,8 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
 # (name, overrides, micro-batch sizes, time limit s): the GPU benchmark, then its CPU rehearsal.
 GPU_BENCH = [
-    ("125m_seq1024", ["+exp=125m", "data.seq_len=1024"], [16, 32], 200),
-    ("1_3b_seq2048", ["+exp=1_3b"], [8, 16], 240),
+    ("125m_seq1024", ["+exp=125m", "data.seq_len=1024"], [16, 32], 170),
+    ("1_3b_seq2048", ["+exp=1_3b"], [8, 16], 200),
 ]
 GPU_BENCH_1B = ("1b_seq2048", ["+exp=1b"], [4, 8], 200)
 CPU_BENCH = [
@@ -70,22 +70,25 @@ def losses(run_dir: Path) -> Dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r and "tokens_per_s" in r}
 
 
-def smoke_and_resume(out: Path, precision: List[str], skip: List[str]) -> Dict:
+def smoke_and_resume(out: Path, precision: List[str], skip: List[str], slow: int) -> Dict:
+    """`slow`: a factor on the time limits (a loaded CPU)."""
     script = [sys.executable, str(REPO_ROOT / "launch" / "pretrain.py"), "+exp=tiny", *QUIET,
               "train.max_steps=50", "checkpoint.interval=25", "train.eval_interval=25",
               *precision]
     result: Dict = {}
     reference = out / "runs" / "smoke"
     if "smoke" not in skip:
-        result["smoke"] = run_stage("smoke", [*script, f"train.run_dir={reference}"], out, 240)
+        result["smoke"] = run_stage("smoke", [*script, f"train.run_dir={reference}"], out,
+                                    150 * slow)
         curve = losses(reference)
         result["smoke"].update(steps=len(curve), first_loss=curve.get(1), last_loss=curve.get(50),
                                passed=len(curve) == 50 and curve[50] < curve[1] - 0.5)
     if "resume" not in skip:
         resumed = out / "runs" / "resume"
         first = run_stage("resume_part1", [*script, f"train.run_dir={resumed}",
-                                           "train.exit_at_step=25"], out, 180)
-        second = run_stage("resume_part2", [*script, f"train.run_dir={resumed}"], out, 180)
+                                           "train.exit_at_step=25"], out, 100 * slow)
+        second = run_stage("resume_part2", [*script, f"train.run_dir={resumed}"], out,
+                           100 * slow)
         ours, reference_curve = losses(resumed), losses(reference)
         after = [step for step in range(26, 51) if step in ours and step in reference_curve]
         differences = [abs(ours[s] - reference_curve[s]) / abs(reference_curve[s])
@@ -99,13 +102,15 @@ def smoke_and_resume(out: Path, precision: List[str], skip: List[str]) -> Dict:
     return result
 
 
-def bench(out: Path, configs, precision: List[str], steps: int, warmup: int) -> Dict:
+def bench(out: Path, configs, precision: List[str], steps: int, warmup: int,
+          pretrain_check: List[str]) -> Dict:
     result = {}
     for name, overrides, micro_sizes, timeout in configs:
         folder = out / f"bench_{name}"
         command = [sys.executable, str(REPO_ROOT / "tools" / "bench_overhead.py"), *overrides,
                    *BENCH_COMMON, *precision, "--micro-batch-sizes", *map(str, micro_sizes),
-                   "--steps", str(steps), "--warmup", str(warmup), "--output", str(folder)]
+                   "--steps", str(steps), "--warmup", str(warmup), "--output", str(folder),
+                   *pretrain_check]
         result[name] = run_stage(f"bench_{name}", command, out, timeout)
         report = folder / "overhead.json"
         result[name]["rows"] = json.loads(report.read_text())["rows"] if report.exists() else []
@@ -124,7 +129,9 @@ def write_bench_table(bench_result: Dict, out: Path) -> List[Dict]:
     for row in rows:
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
         bare_mfu = f"{row['bare_mfu']:.1%}" if row.get("bare_mfu") is not None else "n/a"
-        memory = row.get("pretrain_peak_memory_gib")
+        memory = row.get("pretrain_peak_memory_gib") or (
+            row["step_memory_gib"] + row["resident_memory_gib"] if row.get("step_memory_gib")
+            else None)
         print(f"  {row['model']:>6} seq {row['seq_len']:5} micro {row['micro_batch_size']:3}: "
               f"{row['tokens_per_s']:11,.0f} tok/s, {row['tflops']:7.1f} TFLOP/s, MFU {mfu} "
               f"(bare {bare_mfu}), vs bare {row['vs_bare']:.3f}, peak "
@@ -161,6 +168,8 @@ def main(argv) -> int:
     parser.add_argument("--with-1b", action="store_true", help="also the 1b experiment")
     parser.add_argument("--steps", type=int, default=10, help="timed benchmark steps per loop")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--pretrain-check", action="store_true",
+                        help="also time the real trainer after each benchmark's loops")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -171,11 +180,13 @@ def main(argv) -> int:
     if args.cpu_rehearsal:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the subprocesses too
     summary = {"device": device, "torch": torch.__version__,
-               **smoke_and_resume(args.out, precision, args.skip)}
+               **smoke_and_resume(args.out, precision, args.skip,
+                                          slow=4 if args.cpu_rehearsal else 1)}
     if "bench" not in args.skip:
         configs = CPU_BENCH if args.cpu_rehearsal else GPU_BENCH + (
             [GPU_BENCH_1B] if args.with_1b else [])
-        summary["bench"] = bench(args.out, configs, precision, args.steps, args.warmup)
+        summary["bench"] = bench(args.out, configs, precision, args.steps, args.warmup,
+                                 [] if args.pretrain_check else ["--no-pretrain-check"])
         print(f"gpu_check: benchmark on {device}:")
         rows = write_bench_table(summary["bench"], args.out)
         if rows:
