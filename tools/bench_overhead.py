@@ -28,7 +28,8 @@ FLOPs per token are 6 N + 12 L H S (N: matmul weights, lm_head included; no halv
 attention: PaLM's and torchtitan's convention). MFU is against the device's dense bf16 peak.
 On CUDA the memory figures are what the two loops' weights and optimizer states hold together
 (resident) and what each loop's step adds at its peak (activations, gradients, temporaries).
-Printed, and with --output written to DIR as overhead.csv and overhead.json.
+Printed, and with --output written to DIR as overhead.csv and overhead.json (and with --profile,
+a torch.profiler table of 3 more steps of each loop per micro-batch size).
 """
 
 import argparse
@@ -101,8 +102,28 @@ class StepTimer:
         return loss
 
 
-def compare(cfg: LLMScaleConfig, ctx: DistributedContext, warmup: int, steps: int) -> Dict:
-    """The two loops, interleaved; their figures."""
+def profile_steps(runs: Dict, path: Path, steps: int = 3) -> None:
+    """`steps` more steps of each loop under torch.profiler: the operators and kernels that took
+    the most time, a table per loop, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    tables = []
+    for name, (fn, *args) in runs.items():
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                fn(*args)
+        tables.append(f"== {name}: {steps} steps, top operators by {sort_by}\n"
+                      + profiler.key_averages().table(sort_by=sort_by, row_limit=25,
+                                                      max_name_column_width=60))
+    path.write_text("\n\n".join(tables) + "\n")
+
+
+def compare(cfg: LLMScaleConfig, ctx: DistributedContext, warmup: int, steps: int,
+            profile_to: Optional[Path] = None) -> Dict:
+    """The two loops, interleaved; their figures. With `profile_to`, a profile of each after."""
     plan = validate(cfg, ctx.world_size)
     data = load_training_batches(cfg, plan, ctx.rank)
     seed_everything(cfg.train.seed)
@@ -118,6 +139,10 @@ def compare(cfg: LLMScaleConfig, ctx: DistributedContext, warmup: int, steps: in
         for name in (["llmscale", "bare"] if step % 2 else ["bare", "llmscale"]):
             losses[name].append(timers[name].run(*runs[name], keep=step >= warmup))
     resident = torch.cuda.memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
+    if profile_to:
+        batches = data.for_step(warmup + steps)
+        profile_steps({"llmscale": (llmscale_step, engine, batches, ctx.device),
+                       "bare": (bare.step, batches)}, profile_to)
     ratios = [a / b for a, b in zip(timers["llmscale"].seconds, timers["bare"].seconds)]
     diffs = [abs(a - b) for a, b in zip(losses["llmscale"], losses["bare"])]
     return {"plan": plan.describe(), "timers": timers, "losses": losses,
@@ -151,13 +176,14 @@ def run_pretrain(cfg: LLMScaleConfig, warmup: int) -> Dict[str, Optional[float]]
 
 
 def measure(base: LLMScaleConfig, ctx: DistributedContext, micro_batch_size: Optional[int],
-            warmup: int, steps: int, pretrain_check: bool) -> Dict:
+            warmup: int, steps: int, pretrain_check: bool,
+            profile_to: Optional[Path] = None) -> Dict:
     cfg = copy.deepcopy(base)
     if micro_batch_size:
         cfg.train.micro_batch_size = micro_batch_size
     cfg.train.global_batch_size, cfg.train.grad_accum_steps = cfg.train.micro_batch_size, None
     cfg.train.max_steps, cfg.train.exit_at_step = warmup + steps, None  # both loops' LR schedule
-    result = compare(cfg, ctx, warmup, steps)
+    result = compare(cfg, ctx, warmup, steps, profile_to)
     timers = result.pop("timers")
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), 1,
@@ -229,6 +255,8 @@ def main(argv) -> None:
     parser.add_argument("--no-pretrain-check", dest="pretrain_check", action="store_false",
                         help="skip the run of the real trainer after the loops")
     parser.add_argument("--output", type=Path, help="folder for overhead.csv and overhead.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile 3 steps of each loop: DIR/profile_micro<N>.txt")
     args, overrides = parser.parse_known_args(argv)
     base = load_config(overrides)
     ctx = init_distributed()  # sets the CPU thread count both loops then share
@@ -238,7 +266,12 @@ def main(argv) -> None:
           f"{args.steps} timed steps per loop")
     rows = []
     for micro in args.micro_batch_sizes:
-        rows.append(measure(base, ctx, micro, args.warmup, args.steps, args.pretrain_check))
+        profile_to = (args.output / f"profile_micro{micro or base.train.micro_batch_size}.txt"
+                      if args.profile and args.output else None)
+        if profile_to:
+            args.output.mkdir(parents=True, exist_ok=True)
+        rows.append(measure(base, ctx, micro, args.warmup, args.steps, args.pretrain_check,
+                            profile_to))
         print_row(rows[-1])
     if args.output:
         write_outputs(rows, {"command": " ".join(["tools/bench_overhead.py", *argv]),

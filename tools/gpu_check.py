@@ -30,10 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
 # (name, overrides, micro-batch sizes, time limit s): the GPU benchmark, then its CPU rehearsal.
 GPU_BENCH = [
-    ("125m_seq1024", ["+exp=125m", "data.seq_len=1024"], [16, 32], 170),
-    ("1_3b_seq2048", ["+exp=1_3b"], [8, 16], 200),
+    ("125m_seq1024", ["+exp=125m", "data.seq_len=1024"], [32, 64], 150),
+    ("1_3b_seq2048", ["+exp=1_3b"], [16], 130),
 ]
-GPU_BENCH_1B = ("1b_seq2048", ["+exp=1b"], [4, 8], 200)
+GPU_BENCH_1B = ("1b_seq2048", ["+exp=1b"], [8], 130)
 CPU_BENCH = [
     ("tiny_seq128", ["+exp=tiny", "model.vocab_size=512"], [4, 8], 300),
     ("tiny_seq64", ["+exp=tiny", "data.seq_len=64"], [8], 300),
@@ -103,14 +103,14 @@ def smoke_and_resume(out: Path, precision: List[str], skip: List[str], slow: int
 
 
 def bench(out: Path, configs, precision: List[str], steps: int, warmup: int,
-          pretrain_check: List[str]) -> Dict:
+          pretrain_check: List[str], profile: bool) -> Dict:
     result = {}
     for name, overrides, micro_sizes, timeout in configs:
         folder = out / f"bench_{name}"
         command = [sys.executable, str(REPO_ROOT / "tools" / "bench_overhead.py"), *overrides,
                    *BENCH_COMMON, *precision, "--micro-batch-sizes", *map(str, micro_sizes),
                    "--steps", str(steps), "--warmup", str(warmup), "--output", str(folder),
-                   *pretrain_check]
+                   *pretrain_check, *(["--profile"] if profile else [])]
         result[name] = run_stage(f"bench_{name}", command, out, timeout)
         report = folder / "overhead.json"
         result[name]["rows"] = json.loads(report.read_text())["rows"] if report.exists() else []
@@ -170,6 +170,8 @@ def main(argv) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pretrain-check", action="store_true",
                         help="also time the real trainer after each benchmark's loops")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 3 steps of each benchmark loop (bench_*/profile_*.txt)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -186,7 +188,8 @@ def main(argv) -> int:
         configs = CPU_BENCH if args.cpu_rehearsal else GPU_BENCH + (
             [GPU_BENCH_1B] if args.with_1b else [])
         summary["bench"] = bench(args.out, configs, precision, args.steps, args.warmup,
-                                 [] if args.pretrain_check else ["--no-pretrain-check"])
+                                 [] if args.pretrain_check else ["--no-pretrain-check"],
+                                 args.profile)
         print(f"gpu_check: benchmark on {device}:")
         rows = write_bench_table(summary["bench"], args.out)
         if rows:

@@ -63,6 +63,14 @@ def test_bf16_flag_follows_precision(precision: str, enabled: bool) -> None:
     assert generated([f"train.precision={precision}"])["bf16"] == {"enabled": enabled}
 
 
+def test_bf16_without_zero_is_autocast_over_fp32_weights() -> None:
+    config = generated(["train.precision=bf16", "parallel.zero_stage=0"])
+    assert config["bf16"] == {"enabled": False}
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in generated(["train.precision=fp32", "parallel.zero_stage=0"])
+    assert "torch_autocast" not in generated(["train.precision=bf16", "parallel.zero_stage=1"])
+
+
 def test_clipping_and_quiet_logging() -> None:
     config = generated(["optim.clip_grad=0.25"])
     assert config["gradient_clipping"] == 0.25
