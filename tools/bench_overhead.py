@@ -115,9 +115,10 @@ def profile_steps(runs: Dict, path: Path, steps: int = 3) -> None:
         with profile(activities=activities) as profiler:
             for _ in range(steps):
                 fn(*args)
-        tables.append(f"== {name}: {steps} steps, top operators by {sort_by}\n"
-                      + profiler.key_averages().table(sort_by=sort_by, row_limit=25,
-                                                      max_name_column_width=60))
+        for key in dict.fromkeys([sort_by, "self_cpu_time_total"]):
+            tables.append(f"== {name}: {steps} steps, top operators by {key}\n"
+                          + profiler.key_averages().table(sort_by=key, row_limit=30,
+                                                          max_name_column_width=70))
     path.write_text("\n\n".join(tables) + "\n")
 
 
