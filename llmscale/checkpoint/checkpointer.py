@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import (
-    UNIVERSAL_INFO, check_reshardable, convert_to_universal, needs_universal, restore_universal,
+    check_reshardable, convert_to_universal, declare_universal_info, needs_universal,
+    restore_universal,
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.config.load import ConfigError
@@ -138,8 +139,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
         # The universal-checkpoint info lets `ds_to_universal` convert this save later.
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False,
-                               client_state=UNIVERSAL_INFO)
+        declare_universal_info(engine)
+        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False)
         torch.save(capture_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:

@@ -39,12 +39,17 @@ UNIVERSAL_DIR = "universal"
 # Saved with every checkpoint, so that `ds_to_universal` can merge tensor-parallel shards
 # (DeepSpeed matches each pattern from the start of the parameter name).
 UNIVERSAL_INFO = {
-    UNIVERSAL_CHECKPOINT_INFO: {
-        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
-    }
+    UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+    PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
 }
+
+
+def declare_universal_info(engine) -> None:
+    """Hands `UNIVERSAL_INFO` to DeepSpeed the way its own tensor-parallel code does: as an
+    attribute of the engine's module, which both its dense and its MoE save paths write into the
+    model-states file (the MoE path refuses the key in `client_state`)."""
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_INFO)
 
 
 def needs_universal(saved_plan: dict, plan: ParallelPlan) -> bool:
