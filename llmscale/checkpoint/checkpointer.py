@@ -26,6 +26,7 @@ from llmscale.checkpoint.reshard import (
     restore_universal,
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
+from llmscale.checkpoint.safe_load import weights_only_loads
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import CheckpointConfig
 from llmscale.config.validate import ParallelPlan
@@ -170,17 +171,22 @@ class Checkpointer:
             shutil.rmtree(path)
 
     def load(self, engine, source: ResumeSource) -> TrainState:
+        """Resume or roll back. DeepSpeed's loads (engine, optimizer, expert and pipeline-layer
+        files) are held to the weights-only unpickler."""
         record = json.loads((source.step_dir / STATE_FILE).read_text())
-        if source.universal:
-            restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
-        else:
-            loaded, _ = engine.load_checkpoint(
-                str(source.step_dir.parent), tag=source.step_dir.name,
-                load_optimizer_states=True, load_lr_scheduler_states=True,
-            )
-            if loaded is None:
-                raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
-        restore_rng_state(torch.load(self._rng_file(source.step_dir, record), weights_only=True))
+        with weights_only_loads(source.step_dir):
+            if source.universal:
+                restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
+            else:
+                loaded, _ = engine.load_checkpoint(
+                    str(source.step_dir.parent), tag=source.step_dir.name,
+                    load_optimizer_states=True, load_lr_scheduler_states=True,
+                )
+                if loaded is None:
+                    raise ConfigError(
+                        f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
+            restore_rng_state(torch.load(self._rng_file(source.step_dir, record),
+                                         weights_only=True))
         return TrainState(**record["train_state"])
 
     def _rng_file(self, step_dir: Path, record: dict) -> Path:

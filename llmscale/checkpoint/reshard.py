@@ -28,7 +28,7 @@ from deepspeed.checkpoint.constants import (
 )
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from llmscale.checkpoint.safe_load import load_deepspeed_file
+from llmscale.checkpoint.safe_load import load_deepspeed_file, weights_only_loads
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
 from llmscale.parallel.pipeline import canonical_name
@@ -91,10 +91,11 @@ def convert_to_universal(step_dir: Path) -> Path:
         return target
     partial = step_dir / f"{UNIVERSAL_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(step_dir), output_folder=str(partial), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
-    ))
+    with weights_only_loads(step_dir):
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(step_dir), output_folder=str(partial), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
+        ))
     os.replace(partial, target)
     return target
 
