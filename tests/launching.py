@@ -5,8 +5,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
@@ -44,6 +47,37 @@ def launch(launcher: str, run_dir: Path, *overrides: str, ranks: int = 2) -> str
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def start(launcher: str, run_dir: Path, *overrides: str, ranks: int = 2) -> subprocess.Popen:
+    """A run in the background, for a test to interrupt."""
+    return subprocess.Popen(
+        pretrain_command(launcher, run_dir, *overrides, ranks=ranks), cwd=REPO_ROOT,
+        env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(process: subprocess.Popen, condition: Callable[[], bool],
+             timeout: float = 300) -> None:
+    """Until `condition()` holds, polled every millisecond, while the run goes on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the test could act"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.001)
+
+
+def kill_when(process: subprocess.Popen, condition: Callable[[], bool], one_rank: bool = False,
+              timeout: float = 300) -> None:
+    """SIGKILL once `condition()` holds: the whole process tree, as a lost node would, or one
+    training rank (the launcher then ends the others)."""
+    wait_for(process, condition, timeout)
+    # torchrun starts each rank in a session of its own: kill the tree, not the process group.
+    launcher = psutil.Process(process.pid)
+    victims = (launcher.children()[-1:] if one_rank
+               else [launcher, *launcher.children(recursive=True)])
+    for member in victims:
+        member.kill()
+    process.wait()
 
 
 def metrics(run_dir: Path, key: str, skip_lines: int = 0) -> Dict[int, float]:

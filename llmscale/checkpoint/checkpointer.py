@@ -22,9 +22,11 @@ import torch.distributed as dist
 
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import (
-    UNIVERSAL_INFO, check_reshardable, convert_to_universal, needs_universal, restore_universal,
+    check_reshardable, convert_to_universal, declare_universal_info, needs_universal,
+    restore_universal,
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
+from llmscale.checkpoint.safe_load import weights_only_loads
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import CheckpointConfig
 from llmscale.config.validate import ParallelPlan
@@ -138,8 +140,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
         # The universal-checkpoint info lets `ds_to_universal` convert this save later.
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False,
-                               client_state=UNIVERSAL_INFO)
+        declare_universal_info(engine)
+        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False)
         torch.save(capture_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -169,17 +171,22 @@ class Checkpointer:
             shutil.rmtree(path)
 
     def load(self, engine, source: ResumeSource) -> TrainState:
+        """Resume or roll back. DeepSpeed's loads (engine, optimizer, expert and pipeline-layer
+        files) are held to the weights-only unpickler."""
         record = json.loads((source.step_dir / STATE_FILE).read_text())
-        if source.universal:
-            restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
-        else:
-            loaded, _ = engine.load_checkpoint(
-                str(source.step_dir.parent), tag=source.step_dir.name,
-                load_optimizer_states=True, load_lr_scheduler_states=True,
-            )
-            if loaded is None:
-                raise ConfigError(f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
-        restore_rng_state(torch.load(self._rng_file(source.step_dir, record), weights_only=True))
+        with weights_only_loads(source.step_dir):
+            if source.universal:
+                restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
+            else:
+                loaded, _ = engine.load_checkpoint(
+                    str(source.step_dir.parent), tag=source.step_dir.name,
+                    load_optimizer_states=True, load_lr_scheduler_states=True,
+                )
+                if loaded is None:
+                    raise ConfigError(
+                        f"DeepSpeed found no engine state in checkpoint {source.step_dir}")
+            restore_rng_state(torch.load(self._rng_file(source.step_dir, record),
+                                         weights_only=True))
         return TrainState(**record["train_state"])
 
     def _rng_file(self, step_dir: Path, record: dict) -> Path:

@@ -3,9 +3,7 @@
 ZeRO 1-3 keep the fp32 master weights flattened and split across the ranks' optimizer files;
 DeepSpeed's `zero_to_fp32` knows their padding and alignment rules and is used as is. It loads
 every file with `torch.load(weights_only=False)`, which would run any code a tampered file
-carries, so here those loads are forced to the weights-only unpickler, which accepts tensors,
-containers and the few DeepSpeed classes listed in `safe_load.DEEPSPEED_SAFE_GLOBALS` and nothing
-else.
+carries, so here those loads are forced to the weights-only unpickler (`safe_load`).
 ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt` (under bf16, with unnamed fp32
 master copies beside them), which loads without any extra class.
 """
@@ -13,9 +11,8 @@ master copies beside them), which loads without any extra class.
 import contextlib
 import io
 import json
-import os
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -26,7 +23,7 @@ from llmscale.checkpoint.checkpointer import STATE_FILE
 from llmscale.checkpoint.reshard import (
     universal_tensor, convert_to_universal, universal_parameter_dirs,
 )
-from llmscale.checkpoint.safe_load import DEEPSPEED_SAFE_GLOBALS
+from llmscale.checkpoint.safe_load import weights_only_loads
 from llmscale.config.schema import ModelConfig
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -94,28 +91,8 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
 
 def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:
     # zero_to_fp32 prints progress lines meant for its own command-line script.
-    with _weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
+    with weights_only_loads(step_dir), contextlib.redirect_stdout(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-
-
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """Make every `torch.load` inside use the weights-only unpickler, even where the caller
-    (here DeepSpeed) passes `weights_only=False`; torch reads this variable on each call."""
-    saved = {name: os.environ.get(name)
-             for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    # torch refuses to run with both set; forcing the unsafe path has to give way here.
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    try:
-        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _from_zero0_model_states(path: Path) -> Dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from deepspeed.checkpoint.constants import (
 )
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from llmscale.checkpoint.safe_load import load_deepspeed_file
+from llmscale.checkpoint.safe_load import load_deepspeed_file, weights_only_loads
 from llmscale.config.load import ConfigError
 from llmscale.config.validate import ParallelPlan
 from llmscale.parallel.pipeline import canonical_name
@@ -39,12 +39,17 @@ UNIVERSAL_DIR = "universal"
 # Saved with every checkpoint, so that `ds_to_universal` can merge tensor-parallel shards
 # (DeepSpeed matches each pattern from the start of the parameter name).
 UNIVERSAL_INFO = {
-    UNIVERSAL_CHECKPOINT_INFO: {
-        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
-    }
+    UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+    PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
 }
+
+
+def declare_universal_info(engine) -> None:
+    """Hands `UNIVERSAL_INFO` to DeepSpeed the way its own tensor-parallel code does: as an
+    attribute of the engine's module, which both its dense and its MoE save paths write into the
+    model-states file (the MoE path refuses the key in `client_state`)."""
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_INFO)
 
 
 def needs_universal(saved_plan: dict, plan: ParallelPlan) -> bool:
@@ -86,10 +91,11 @@ def convert_to_universal(step_dir: Path) -> Path:
         return target
     partial = step_dir / f"{UNIVERSAL_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    ds_to_universal.main(argparse.Namespace(
-        input_folder=str(step_dir), output_folder=str(partial), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
-    ))
+    with weights_only_loads(step_dir):
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(step_dir), output_folder=str(partial), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False,
+        ))
     os.replace(partial, target)
     return target
 

@@ -26,10 +26,12 @@ from llmscale.models.llama import IGNORE_INDEX, Llama, RMSNorm
 
 class _WithoutExtraState:
     """megatron's linear layers put an empty `_extra_state` entry (for TransformerEngine's FP8
-    metadata) into every state_dict; checkpoint tools take each entry for a tensor."""
+    metadata) into every state_dict; checkpoint tools take each entry for a tensor, so none is
+    saved. Loading keeps megatron's `set_extra_state`: a pre-hook of its layers adds the entry
+    to every state_dict they load, and that method is what takes it (without it, a strict
+    load of the layer's own state_dict fails on an unexpected `_extra_state` key)."""
 
     get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
 
 
 class ColumnParallel(_WithoutExtraState, tensor_parallel.ColumnParallelLinear):

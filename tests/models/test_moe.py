@@ -1,14 +1,13 @@
 """MoEFeedForward against a plain-torch top-2 router computed from the same weights."""
 
 import math
-import socket
 from dataclasses import replace
 from typing import Iterator, Tuple
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from single_rank import one_rank_process_group
 from torch import nn
 
 from llmscale.config.schema import ModelConfig
@@ -25,26 +24,9 @@ TIGHT = 0.5
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group() -> Iterator[None]:
-    """A 1-rank gloo group, as `deepspeed.initialize` needs to give the layers their expert
-    group; torn down so later tests in this process start without one."""
-    from deepspeed.utils import groups
-
-    from llmscale.parallel.distributed import init_distributed
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-            env.setenv(name, value)
-        init_distributed()
+    """`deepspeed.initialize` gives the layers their expert group from it."""
+    with one_rank_process_group():
         yield
-        dist.destroy_process_group()
-        # DeepSpeed caches its expert groups by name; the cached handles die with the group.
-        for cache in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
-                      groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-            cache.clear()
 
 
 def moe_layer(capacity_factor: float, seed: int = 0) -> MoEFeedForward:
