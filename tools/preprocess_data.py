@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--character-coverage",
         type=float,
         default=training["character_coverage"],
-        help="share of characters given pieces of their own (below 1 suits Chinese)",
+        help="share of characters given pieces of their own "
+        "(default: 0.9995 for CJK-heavy text, 1.0 otherwise)",
     )
     group.add_argument(
         "--no-byte-fallback",
