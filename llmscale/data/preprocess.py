@@ -121,7 +121,13 @@ def run_preprocess(
     index = DedupIndex(output / "state.sqlite", config.prepare.dedup)
     try:
         cleaned = clean_corpus(
-            datasets, config.prepare, output / "cleaned", index, config.workers, config.part_bytes
+            datasets,
+            config.prepare,
+            output / "cleaned",
+            index,
+            config.workers,
+            config.part_bytes,
+            log,
         )
     finally:
         index.close()
