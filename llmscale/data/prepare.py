@@ -32,6 +32,7 @@ class PreparedDocument:
     text: str = ""
     digest: bytes = b""
     signature: np.ndarray | None = None
+    terminal_escapes_removed: int = 0
     emails_scrubbed: int = 0
     phones_scrubbed: int = 0
 
@@ -49,19 +50,20 @@ def prepare(item: RawDocument | Skipped, config: PrepareConfig) -> PreparedDocum
     if text is None:
         return PreparedDocument(1, size, reason)
     cleaned = clean_text(text, config.cleaning)
-    scrubbed = {
+    counts = {
+        "terminal_escapes_removed": cleaned.terminal_escapes_removed,
         "emails_scrubbed": cleaned.emails_scrubbed,
         "phones_scrubbed": cleaned.phones_scrubbed,
     }
     if not cleaned.text:
-        return PreparedDocument(1, size, "empty", **scrubbed)
+        return PreparedDocument(1, size, "empty", **counts)
     units = text_units(cleaned.text)
     reason = drop_reason(cleaned.text, units, config.quality)
     if reason is not None:
-        return PreparedDocument(1, size, reason, **scrubbed)
+        return PreparedDocument(1, size, reason, **counts)
     signature = minhash_signature(units, config.dedup) if config.dedup.near else None
     return PreparedDocument(
-        1, size, None, cleaned.text, content_hash(cleaned.text), signature, **scrubbed
+        1, size, None, cleaned.text, content_hash(cleaned.text), signature, **counts
     )
 
 

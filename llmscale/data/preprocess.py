@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmscale.data.character_coverage import default_character_coverage
 from llmscale.data.clean_stage import DatasetSources, clean_corpus, cleaned_lines
 from llmscale.data.corpus_stats import DatasetStats, total
 from llmscale.data.dedup import DedupIndex
@@ -48,7 +49,8 @@ class TokenizerTrainingConfig:
     model_type: str = "bpe"
     # Below 1.0, the rarest characters are left to byte fallback instead of taking pieces:
     # SentencePiece's advice for Chinese, whose alphabet runs to thousands of characters.
-    character_coverage: float = 0.9995
+    # None: chosen by the cleaned corpus's script (`default_character_coverage`).
+    character_coverage: float | None = None
     byte_fallback: bool = True
     # Strings that become single pieces, e.g. chat markers.
     special_tokens: tuple[str, ...] = ()
@@ -119,7 +121,13 @@ def run_preprocess(
     index = DedupIndex(output / "state.sqlite", config.prepare.dedup)
     try:
         cleaned = clean_corpus(
-            datasets, config.prepare, output / "cleaned", index, config.workers, config.part_bytes
+            datasets,
+            config.prepare,
+            output / "cleaned",
+            index,
+            config.workers,
+            config.part_bytes,
+            log,
         )
     finally:
         index.close()
@@ -198,13 +206,16 @@ def _trained_tokenizer(
     training = config.train_tokenizer
     assert training is not None
     start = time.perf_counter()
+    coverage = training.character_coverage
+    if coverage is None:
+        coverage = default_character_coverage(parts)
     # Trained under a temporary prefix and renamed, so a model file is always a finished one.
     temporary = train_sentencepiece_on_lines(
         cleaned_lines(parts),
         output / "tokenizer.tmp",
         training.vocab_size,
         model_type=training.model_type,
-        character_coverage=training.character_coverage,
+        character_coverage=coverage,
         byte_fallback=training.byte_fallback,
         special_tokens=training.special_tokens,
         max_sentences=training.max_sentences,
@@ -212,7 +223,10 @@ def _trained_tokenizer(
     )
     os.replace(temporary.with_suffix(".vocab"), output / "tokenizer.vocab")
     os.replace(temporary, model)
-    log(f"tokenizer: trained {training.vocab_size} pieces ({time.perf_counter() - start:.1f} s)")
+    log(
+        f"tokenizer: trained {training.vocab_size} pieces at character coverage {coverage} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return model
 
 

@@ -3,11 +3,13 @@ written by `datasets.save_to_disk`, optionally gzip-compressed (text and JSON li
 
 Reading never fails on bad data: what cannot become a document is reported as `Skipped` with
 a reason, and the caller counts it. Decoding and parsing happen later, in worker processes.
+A plain-text file read whole that is over the length limit (a book) is cut into pieces under it
+rather than dropped.
 """
 
 import gzip
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +24,9 @@ TEXT_DOCUMENT_UNITS = ("file", "paragraph", "line")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 # Enough of a file's start to tell text from binary: text never holds a NUL byte.
 _SNIFF_BYTES = 8192
+# An input over this many bytes per allowed character cannot pass the length filter (a
+# character is at most 4 UTF-8 bytes, 6 as a JSON escape), so it is skipped unread.
+_READ_BYTES_PER_CHAR = 8
 _BATCH_ROWS = 1024
 
 
@@ -90,18 +95,21 @@ def find_sources(patterns: list[str], root: Path, config: ReadConfig) -> list[Pa
 
 
 def read_documents(
-    path: Path, config: ReadConfig, max_bytes: int
+    path: Path, config: ReadConfig, max_chars: int, warn: Callable[[str], None] = print
 ) -> Iterator[RawDocument | Skipped]:
-    """The documents of one source, in order. Documents over `max_bytes` are skipped unread.
-    A source that cannot be read (corrupt parquet or gzip, no permission) ends in one
+    """The documents of one source, in order. Documents of too many bytes to pass the length
+    filter (`max_chars`) are skipped unread, except a plain-text file read whole: it is cut into
+    pieces of at most `max_chars` characters, and a line of it still too long is named through
+    `warn`. A source that cannot be read (corrupt parquet or gzip, no permission) ends in one
     `Skipped(reason="unreadable")` after whatever it yielded before the damage."""
+    max_bytes = _READ_BYTES_PER_CHAR * max_chars
     try:
         if path.is_dir():
             yield from _saved_dataset(path, config, max_bytes)
         elif path.name.endswith(".parquet"):
             yield from _parquet(path, config, max_bytes)
         else:
-            yield from _text_or_json(path, config, max_bytes)
+            yield from _text_or_json(path, config, max_bytes, max_chars, warn)
     except (OSError, EOFError, zlib.error, pyarrow.ArrowException):
         yield Skipped(str(path), "unreadable")
 
@@ -125,7 +133,7 @@ def _open_binary(path: Path) -> BinaryIO:
 
 
 def _text_or_json(
-    path: Path, config: ReadConfig, max_bytes: int
+    path: Path, config: ReadConfig, max_bytes: int, max_chars: int, warn: Callable[[str], None]
 ) -> Iterator[RawDocument | Skipped]:
     origin = str(path)
     name = path.name.removesuffix(".gz")
@@ -141,10 +149,11 @@ def _text_or_json(
         stream.seek(0)
         if not is_json and config.text_document == "file":
             data = stream.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                yield Skipped(origin, "too_long", size_bytes=len(data) + _drain(stream))
-            else:
+            if len(data) <= max_bytes and _characters(data) <= max_chars:
                 yield RawDocument(origin, "text", data)
+            else:
+                stream.seek(0)
+                yield from _file_pieces(stream, origin, max_bytes, max_chars, warn)
             return
         if not is_json and config.text_document == "paragraph":
             yield from _paragraphs(stream, origin, max_bytes)
@@ -158,6 +167,52 @@ def _text_or_json(
                 yield Skipped(line_origin, "empty", size_bytes=size)
             else:
                 yield RawDocument(line_origin, kind, line)
+
+
+def _file_pieces(
+    stream: BinaryIO, origin: str, max_bytes: int, max_chars: int, warn: Callable[[str], None]
+) -> Iterator[RawDocument | Skipped]:
+    """A text file over the length limit as pieces of at most `max_chars` characters, each cut at
+    its last paragraph break, or at a line break when a paragraph alone is over the limit. A
+    line over the limit has no break to cut at: it is skipped, with a warning naming the file."""
+    piece: list[tuple[int, bytes, int]] = []  # (line number, line, characters with newline)
+    size = 0  # characters of `piece`, newlines included
+    cut = 0  # lines of `piece` up to its last blank line
+    for number, line, line_bytes in _bounded_lines(stream, max_bytes):
+        chars = None if line is None else _characters(line) + 1
+        if chars is None or chars > max_chars + 1:
+            yield from _piece(origin, piece)
+            piece, size, cut = [], 0, 0
+            warn(
+                f"warning: {origin}: line {number} ({line_bytes:,} bytes) is over the "
+                f"{max_chars:,} characters a document may have (--max-chars) and has no break "
+                "to cut it at; dropped"
+            )
+            yield Skipped(f"{origin}:{number}", "too_long", size_bytes=line_bytes)
+            continue
+        # max_chars + 1: the piece's last line is written without its newline. Cut at the
+        # paragraph break first; if what follows it is still too long, cut at this line.
+        while size + chars > max_chars + 1:
+            done, piece = (piece[:cut], piece[cut:]) if cut else (piece, [])
+            yield from _piece(origin, done)
+            size, cut = sum(entry[2] for entry in piece), 0
+        piece.append((number, line, chars))
+        size += chars
+        if not line.strip():
+            cut = len(piece)
+    yield from _piece(origin, piece)
+
+
+def _piece(origin: str, lines: list[tuple[int, bytes, int]]) -> Iterator[RawDocument]:
+    """The lines as one document named by the line it starts at; none when they are blank."""
+    text = b"\n".join(line for _, line, _ in lines)
+    if text.strip():
+        yield RawDocument(f"{origin}:{lines[0][0]}", "text", text)
+
+
+def _characters(data: bytes) -> int:
+    """Characters of UTF-8 `data`; bytes that are not UTF-8 count about one each."""
+    return len(data.decode("utf-8", "replace"))
 
 
 def _paragraphs(stream: BinaryIO, origin: str, max_bytes: int) -> Iterator[RawDocument | Skipped]:

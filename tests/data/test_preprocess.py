@@ -24,11 +24,13 @@ TRAINING = TokenizerTrainingConfig(vocab_size=600)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """en: text files and JSON lines with bad lines and duplicates; zh: parquet."""
+    """en: text files (one coloured) and JSON lines with bad lines and duplicates; zh: parquet."""
     root = tmp_path_factory.mktemp("corpus")
     (root / "en" / "plays").mkdir(parents=True)
     for i, text in enumerate(ENGLISH[:10]):
         (root / "en" / "plays" / f"{i:02d}.txt").write_text(text + "\n")
+    # A terminal capture: coloured, the colours are removed and counted.
+    (root / "en" / "plays" / "00.txt").write_text(f"\x1b[33m{ENGLISH[0]}\x1b[m\n")
     (root / "en" / "plays" / "empty.txt").write_text("")
     (root / "en" / "plays" / "blob.txt").write_bytes(b"\x00\x01binary\x00" * 100)
     # Same words, other punctuation: a near duplicate, not an exact one.
@@ -111,6 +113,7 @@ def test_report_counts_every_stage(finished: tuple[Path, dict]) -> None:
         "near_duplicate": 1,
     }
     assert en["documents_kept"] == 60
+    assert en["terminal_escapes_removed"] == 2
     assert zh["documents_in"] == 7
     assert zh["dropped"] == {"exact_duplicate": 1, "too_short": 1}
     assert zh["documents_kept"] == 5

@@ -60,6 +60,21 @@ def test_named_datasets_flags_and_summary(corpus: Path, tmp_path: Path, capsys) 
     assert (output / "tokens" / "docs" / "part-00000.idx").is_file()
 
 
+def test_a_long_text_file_is_cut_and_what_cannot_be_is_named(tmp_path: Path, capsys) -> None:
+    book = tmp_path / "books" / "book.txt"
+    book.parent.mkdir()
+    book.write_text("\n\n".join(english_paragraphs(count=20)) + "\n")
+    one_line = tmp_path / "books" / "one_line.txt"
+    one_line.write_text(" ".join(english_paragraphs(count=20)).replace("\n", " ") + "\n")
+    output = tmp_path / "out"
+    args = ["--input", str(book.parent), "--output", str(output), "--tokenizer", "byte"]
+    code, out, err = run_cli([*args, "--max-chars", "2000"], capsys)
+    assert code == 0, err
+    stats = json.loads((output / "report.json").read_text())["datasets"]["corpus"]
+    assert stats["documents_kept"] > 1 and stats["dropped"] == {"too_long": 1}
+    assert f"warning: {one_line}: line 1 (" in out and str(book) not in out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

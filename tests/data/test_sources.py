@@ -7,20 +7,23 @@ import datasets
 import pyarrow
 import pyarrow.parquet
 import pytest
-from corpus_fixtures import CHINESE, english_paragraphs
+from corpus_fixtures import CHINESE, REPO_ROOT, english_paragraphs
 
 from llmscale.data.prepare import PrepareConfig, prepare
+from llmscale.data.quality import QualityConfig
 from llmscale.data.sources import RawDocument, ReadConfig, Skipped, find_sources, read_documents
 
 TEXT = english_paragraphs(count=3)
-MAX_BYTES = 1 << 20
+MAX_CHARS = 1 << 17
+# What read_documents reads at most of one document before skipping it unread.
+MAX_BYTES = 8 * MAX_CHARS
 
 
 def outcomes(path: Path, read: ReadConfig | None = None) -> list[str]:
     """Per document of `path`: "kept", or the reason it is dropped before deduplication."""
     read = read or ReadConfig()
     config = PrepareConfig(read=read)
-    results = [prepare(item, config) for item in read_documents(path, read, MAX_BYTES)]
+    results = [prepare(item, config) for item in read_documents(path, read, MAX_CHARS)]
     return [result.reason or "kept" for result in results]
 
 
@@ -40,9 +43,50 @@ def jsonl(path: Path, records: list) -> Path:
 
 def test_plain_text_file_is_one_document(tmp_path: Path) -> None:
     path = write_bytes(tmp_path / "a.txt", TEXT[0].encode())
-    (item,) = read_documents(path, ReadConfig(), MAX_BYTES)
+    (item,) = read_documents(path, ReadConfig(), MAX_CHARS)
     assert isinstance(item, RawDocument) and item.payload == TEXT[0].encode()
     assert outcomes(path) == ["kept"]
+
+
+def test_a_text_file_over_the_length_limit_is_cut_into_documents_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """All eight bundled plays in one file, as a book would be: 1,036,000 characters, over the
+    default --max-chars of 1,000,000."""
+    plays = sorted((REPO_ROOT / "data" / "shakespeare").glob("*.txt"))
+    path = write_bytes(tmp_path / "plays.txt", b"".join(play.read_bytes() for play in plays))
+    warnings: list[str] = []
+    max_chars = QualityConfig().max_chars
+    items = list(read_documents(path, ReadConfig(), max_chars, warnings.append))
+    assert len(items) == 2 and not warnings
+    assert items[0].origin == f"{path}:1" and items[1].origin.startswith(f"{path}:")
+    # Cut after a blank line, and nothing lost.
+    assert items[0].payload.endswith(b"\n") and not items[1].payload.startswith(b"\n")
+    assert b"\n".join(item.payload for item in items) == path.read_bytes().removesuffix(b"\n")
+    assert all(len(item.payload.decode()) <= max_chars for item in items)
+
+
+def test_a_paragraph_over_the_limit_is_cut_at_line_breaks(tmp_path: Path) -> None:
+    # A Chinese novel's layout after its title: paragraphs indented, no blank lines between.
+    lines = ["第一章", ""] + [f"\u3000\u3000{CHINESE[i % 5]}第{i}段。" for i in range(40)]
+    path = write_bytes(tmp_path / "novel.txt", "\n".join(lines).encode())
+    items = list(read_documents(path, ReadConfig(), 1000, print))
+    texts = [item.payload.decode() for item in items]
+    assert len(items) > 1 and all(len(text) <= 1000 for text in texts)
+    assert "\n".join(texts).split("\n") == lines
+
+
+def test_a_line_over_the_limit_is_dropped_with_a_warning_naming_the_file(tmp_path: Path) -> None:
+    path = write_bytes(
+        tmp_path / "log.txt", f"{TEXT[0]}\n\n{'x' * 3000}\n\n{TEXT[1]}\n".encode()
+    )
+    warnings: list[str] = []
+    items = list(read_documents(path, ReadConfig(), 2000, warnings.append))
+    assert [getattr(item, "reason", "doc") for item in items] == ["doc", "too_long", "doc"]
+    number = TEXT[0].count("\n") + 3
+    assert items[1].origin == f"{path}:{number}" and items[1].size_bytes == 3001
+    (warning,) = warnings
+    assert warning.startswith(f"warning: {path}: line {number} (3,001 bytes) is over the 2,000")
 
 
 def test_bad_files_are_skipped_with_their_reason(tmp_path: Path) -> None:
@@ -110,7 +154,7 @@ def test_a_50_megabyte_line_is_skipped_without_being_held(tmp_path: Path, name: 
             json.dumps({"text": TEXT[0]}).encode() + b"\n" if name.endswith(".jsonl") else b""
         )
     tracemalloc.start()
-    items = list(read_documents(path, ReadConfig(), MAX_BYTES))
+    items = list(read_documents(path, ReadConfig(), MAX_CHARS))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert isinstance(items[0], Skipped) and items[0].reason == "too_long"
@@ -134,7 +178,7 @@ def test_paragraph_and_line_documents(tmp_path: Path) -> None:
     over = write_bytes(
         tmp_path / "over.txt", b"short one\n\n" + b"y" * (MAX_BYTES + 5) + b"\nz\n\nlast\n"
     )
-    items = list(read_documents(over, ReadConfig(text_document="paragraph"), MAX_BYTES))
+    items = list(read_documents(over, ReadConfig(text_document="paragraph"), MAX_CHARS))
     assert [getattr(item, "reason", "doc") for item in items] == ["doc", "too_long", "doc"]
 
 
@@ -144,7 +188,7 @@ def test_parquet_text_column_nulls_and_missing_columns(tmp_path: Path) -> None:
     pyarrow.parquet.write_table(table, path)
     assert outcomes(path) == ["kept", "missing_field", "kept"]
     assert outcomes(path, ReadConfig(text_field="n")) == ["missing_field"]
-    (skipped,) = read_documents(path, ReadConfig(text_field="body"), MAX_BYTES)
+    (skipped,) = read_documents(path, ReadConfig(text_field="body"), MAX_CHARS)
     assert isinstance(skipped, Skipped) and skipped.documents == 3
     not_parquet = write_bytes(tmp_path / "fake.parquet", b"PAR1 but not really")
     assert outcomes(not_parquet) == ["unreadable"]

@@ -1,3 +1,4 @@
+import random
 import runpy
 import subprocess
 import sys
@@ -235,3 +236,35 @@ def test_identity_follows_the_vocabulary_not_the_file(tmp_path: Path, hamlet_mod
         "vocab_size": 257,
         "eod_id": 256,
     }
+
+
+@pytest.fixture()
+def chinese_with_rare_characters(tmp_path: Path) -> Path:
+    """100 common Han characters 2,500 times each, and 100 rare ones once: 200 distinct
+    characters, more than a 400-piece vocabulary holds beside its 256 byte pieces."""
+    rng = random.Random(0)
+    common = [chr(0x4E00 + i) for i in range(100)]
+    lines = []
+    for _ in range(100):
+        rng.shuffle(common)
+        lines.append("".join(common))
+    rare = [chr(0x4E00 + 100 + i) for i in range(100)]
+    path = tmp_path / "zh.txt"
+    path.write_text("\n".join(lines * 25 + rare) + "\n", encoding="utf-8")
+    return path
+
+
+def test_chinese_trains_at_the_coverage_its_script_calls_for(
+    chinese_with_rare_characters: Path, tmp_path: Path, capsys
+) -> None:
+    cli = runpy.run_path(str(REPO_ROOT / "tools" / "train_tokenizer.py"))
+    args = ["--input", str(chinese_with_rare_characters), "--vocab-size", "400"]
+    cli["main"]([*args, "--output", str(tmp_path / "zh")])
+    tokenizer = SentencePieceTokenizer(tmp_path / "zh.model")
+    text = chinese_with_rare_characters.read_text().splitlines()[-1]  # a rare character
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # by byte fallback
+    with pytest.raises(SystemExit) as exit_info:
+        cli["main"]([*args, "--character-coverage", "1", "--output", str(tmp_path / "full")])
+    message = str(exit_info.value.code)
+    assert "--vocab-size 400 is smaller than the 461 pieces" in message
+    assert "lower --character-coverage" in message and "character_coverage" not in message
