@@ -49,8 +49,9 @@ def parse_command_line(argv: Sequence[str], world_size: int) -> PretrainCommand:
 _HELP = """\
 Pretrain a Llama-family model.
 
-  python launch/pretrain.py [OPTION ...] [OVERRIDE ...]             one process
-  torchrun --nproc_per_node N launch/pretrain.py [OVERRIDE ...]      N ranks (or deepspeed --num_gpus N)
+  python launch/pretrain.py [OPTION ...] [OVERRIDE ...]          one process
+  torchrun --nproc_per_node N launch/pretrain.py [OVERRIDE ...]   N ranks
+  deepspeed --num_gpus N launch/pretrain.py [OVERRIDE ...]        N ranks
 
 Overrides are Hydra's: key=value sets a setting (train.max_steps=50), group=option picks one of
 a group's files (model=125m), +exp=NAME picks a whole experiment.
@@ -71,7 +72,7 @@ Every setting and its value: --cfg job; what each means: llmscale/config/schema.
 
 Examples:
   python launch/pretrain.py +exp=tiny train.max_steps=50
-  python launch/pretrain.py +exp=70b dry_run=true         # validate the plan, report size and memory
+  python launch/pretrain.py +exp=70b dry_run=true    # validate the plan, report size and memory
   python launch/pretrain.py +exp=tiny model=moe_tiny --cfg job
   python launch/pretrain.py +exp=tiny -m optim.lr=1e-3,3e-3 train.max_steps=100
   torchrun --nproc_per_node 2 launch/pretrain.py +exp=tiny parallel.zero_stage=3"""
