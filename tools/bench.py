@@ -8,10 +8,11 @@ Hydra overrides for every run come first. A plan is one argument: short specs jo
 (dpN, tpN, ppN, zeroN) and/or Hydra overrides; one without dpN runs on --nproc-per-node ranks.
 Each plan x micro-batch size takes warmup + steps steps in a temporary folder, without
 checkpoints; the bare loop (llmscale/train/bare_loop.py) runs once per workload, on one device.
-Printed, and written to DIR as bench.csv, bench.json and bench.png: median tokens/s, TFLOP/s per
-device, MFU (where the device's peak is known), peak memory per rank and each plan's tokens/s per
-device relative to the bare loop's. Model, data and precision are the config's
-(train.precision=bf16 for bf16).
+Printed, and written to DIR as bench.csv, bench.json and bench.png: median tokens/s (all ranks, and
+per device), TFLOP/s per device, MFU (where the device's peak is known), peak memory per rank and
+each plan's tokens/s per device relative to the bare loop's on one device. A device is a rank; on
+CPU the ranks share the cores. Model, data and precision are the config's (train.precision=bf16
+for bf16).
 """
 
 import argparse

@@ -7,12 +7,15 @@ composition errors reach the user as one clear line instead of a traceback.
 
 import dataclasses
 import difflib
+import itertools
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -50,7 +53,7 @@ def load_config(overrides: Sequence[str]) -> LLMScaleConfig:
         if override.startswith("-"):
             raise ConfigError(
                 f"unknown option {override!r}: llmscale takes Hydra overrides such as "
-                "`+exp=tiny train.max_steps=50`, not dashed flags"
+                "`+exp=tiny train.max_steps=50`, not dashed flags (--help lists the options)"
             )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -65,6 +68,39 @@ def load_config(overrides: Sequence[str]) -> LLMScaleConfig:
 
 def to_yaml(cfg: LLMScaleConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_groups() -> Dict[str, Tuple[List[str], Optional[str]]]:
+    """Each config group of `conf/`: its options and the one the root config picks (None for
+    `exp`, picked with `+exp=NAME`)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        choices = compose(config_name="config", return_hydra_config=True).hydra.runtime.choices
+        return {group: (loader.get_group_options(group), choices.get(group))
+                for group in loader.list_groups("") if group != "hydra"}
+
+
+def expand_sweep(overrides: Sequence[str]) -> List[List[str]]:
+    """Every combination of the overrides' swept values (`a,b`, `range(...)`, `glob(...)`,
+    `choice(...)`), in the order of Hydra's basic sweeper; overrides that sweep nothing are kept
+    as written."""
+    choices: Dict[str, List[str]] = {}
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            for override in OverridesParser.create().parse_overrides(list(overrides)):
+                key = override.get_key_element()
+                if not override.is_sweep_override():
+                    choices[key] = [override.input_line]
+                elif not override.is_discrete_sweep():
+                    raise ConfigError(f"{override.input_line}: an interval has no values to run "
+                                      "one by one; list them (a,b,c) or use range(start,stop,step)")
+                else:
+                    override.config_loader = loader  # glob() lists a group's options
+                    choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+    except HydraException as error:
+        raise ConfigError(_one_message(error)) from None
+    return [list(combination) for combination in itertools.product(*choices.values())]
 
 
 def _unknown_keys(values: Dict[str, Any], schema: type, prefix: str = "") -> List[str]:

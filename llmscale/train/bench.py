@@ -106,15 +106,16 @@ class Measurement:
 
 @dataclass
 class Row:
-    """One line of the report. `vs_bare` is tokens/s per device over the bare loop's tokens/s on
-    one device; on CPU the device is the whole machine, whose cores a plan's ranks share."""
+    """One line of the report. A device is a rank (a GPU; on CPU, a rank's share of the cores,
+    as the trainer's TFLOP/s per device counts it). `vs_bare` is tokens/s per device over the bare
+    loop's on one device: how close the plan runs to a bare single-device loop."""
 
     plan: str
     world_size: int
-    devices: int
     micro_batch_size: int
     global_batch_size: int
-    tokens_per_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None  # all ranks together
+    tokens_per_s_per_device: Optional[float] = None
     tflops_per_device: Optional[float] = None
     mfu: Optional[float] = None
     peak_memory_gib: Optional[float] = None
@@ -181,23 +182,25 @@ def benchmark(pairs: Dict[Run, Run], warmup: int, progress: Callable[[str], None
             if isinstance(results[run], str):
                 progress(f"  failed: {results[run]}")
     # A bare run is its own reference (vs_bare 1).
-    return [_row(run, results[run], results[pairs.get(run, run)], torch.cuda.is_available())
-            for run in runs]
+    return [measured_row(run, results[run], results[pairs.get(run, run)]) for run in runs]
 
 
-def _row(run: Run, result, bare_result, accelerated: bool) -> Row:
-    row = Row(run.plan, run.world_size, run.world_size if accelerated else 1,
-              run.micro_batch_size, run.global_batch_size, overrides=list(run.overrides))
+def measured_row(run: Run, result: Measurement | str, bare_result: Measurement | str) -> Row:
+    """The report line of a run, from its figures (or why it failed) and its bare run's."""
+    row = Row(run.plan, run.world_size, run.micro_batch_size, run.global_batch_size,
+              overrides=list(run.overrides))
     if isinstance(result, str):
         row.error = result
         return row
     row.tokens_per_s, row.tflops_per_device = result.tokens_per_s, result.tflops_per_device
+    row.tokens_per_s_per_device = result.tokens_per_s / run.world_size
     row.mfu, row.peak_memory_gib = result.mfu, result.peak_memory_gib
     row.rss_gib_per_rank = result.rss_gib_per_rank
     row.peak_rss_gib = max(result.rss_gib_per_rank, default=None)
     if isinstance(bare_result, Measurement):
+        # The bare loop runs on one device.
         row.bare_tokens_per_s = bare_result.tokens_per_s
-        row.vs_bare = row.tokens_per_s / (row.bare_tokens_per_s * row.devices)
+        row.vs_bare = row.tokens_per_s_per_device / row.bare_tokens_per_s
     return row
 
 

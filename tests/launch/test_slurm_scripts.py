@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -20,7 +21,7 @@ from launching import REPO_ROOT
 
 from llmscale.config import load_config
 
-SCRIPTS = ["pretrain.sbatch", "continued.sbatch", "bench.sbatch"]
+SCRIPTS = ["pretrain.sbatch", "continued.sbatch", "bench.sbatch", "sweep.sbatch"]
 TRAINING_SCRIPTS = ["pretrain.sbatch", "continued.sbatch"]
 JOB_ID = 4242
 HOSTS = ["gpu-node-07", "gpu-node-08"]
@@ -80,8 +81,11 @@ if [[ -n "${STUB_BLOCK:-}" ]]; then
     exit 1
 fi
 """,
-    # Records its arguments and environment.
+    # Records its arguments and environment; a sweep's jobs are listed for real.
     "python": """#!/bin/bash
+if [[ "$1 $2" == "-m llmscale.config.sweep" ]]; then
+    exec "$REAL_PYTHON" "$@"
+fi
 printf '%s\\0' "$@" > "$RECORD/python.node$SLURM_NODEID.args"
 env -0 > "$RECORD/python.node$SLURM_NODEID.env"
 """,
@@ -109,16 +113,22 @@ def _fake_cluster(tmp_path: Path, script: str, **extra_env: str) -> Dict[str, st
         (bin_dir / name).chmod(0o755)
     return {
         "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RECORD": str(record),
+        "REAL_PYTHON": sys.executable,
         "SLURM_JOB_NAME": _sbatch_options(script)["--job-name"], **ALLOCATION, **extra_env,
     }
 
 
-def _render(tmp_path: Path, script: str, **extra_env: str) -> Path:
+def _submit(tmp_path: Path, script: str, args: List[str], **extra_env: str):
     env = _fake_cluster(tmp_path, script, **extra_env)
-    result = subprocess.run(["bash", f"launch/slurm/{script}", *USER_ARGS], cwd=REPO_ROOT,
+    result = subprocess.run(["bash", f"launch/slurm/{script}", *args], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=60)
+    return result, Path(env["RECORD"])
+
+
+def _render(tmp_path: Path, script: str, args: List[str] = USER_ARGS, **extra_env: str) -> Path:
+    result, record = _submit(tmp_path, script, args, **extra_env)
     assert result.returncode == 0, result.stdout + result.stderr
-    return Path(env["RECORD"])
+    return record
 
 
 def _null_separated(path: Path) -> List[str]:
@@ -168,6 +178,32 @@ def test_the_benchmark_runs_once_on_the_first_node(tmp_path):
     assert _environment(record / "python.node0.env")["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert sorted(path.name for path in record.iterdir()) == [
         "python.node0.args", "python.node0.env", "scontrol.log"]
+
+
+def test_each_sweep_task_trains_its_own_combination_in_its_own_folder(tmp_path):
+    """Array task 1 of `optim.lr=1e-3,3e-3`: the second value, in <train.run_dir>/1."""
+    record = _render(tmp_path, "sweep.sbatch", ["optim.lr=1e-3,3e-3", *USER_ARGS],
+                     SLURM_ARRAY_TASK_ID="1")
+    stop_file = f"runs/slurm/llmscale-sweep-{JOB_ID}/stop"
+    for node in range(len(HOSTS)):
+        args = _null_separated(record / f"torchrun.node{node}.args")
+        overrides = args[args.index("launch/pretrain.py") + 1:]
+        assert overrides == ["train.resume=auto", f"train.stop_file={stop_file}",
+                             "optim.lr=0.003", "train.max_steps=20",
+                             "train.run_dir='/scratch/llm runs/$HOME/1'"]
+    cfg = load_config(overrides)
+    assert (cfg.optim.lr, cfg.train.run_dir) == (0.003, "/scratch/llm runs/$HOME/1")
+
+
+@pytest.mark.parametrize("task, expected", [(None, "sbatch --array=0-<jobs - 1>"),
+                                            ("2", "no job 2 in a sweep of 2"),
+                                            ("0", "Could not override 'optim.learning_rate'")])
+def test_a_sweep_task_without_its_job_fails_before_training(tmp_path, task, expected):
+    args = ["optim.lr=1e-3,3e-3"] if task != "0" else ["optim.learning_rate=1e-3,3e-3"]
+    result, record = _submit(tmp_path, "sweep.sbatch", args,
+                             **({"SLURM_ARRAY_TASK_ID": task} if task else {}))
+    assert result.returncode != 0 and expected in result.stderr, result.stderr
+    assert not list(record.glob("torchrun.*"))
 
 
 def test_network_variables_reach_every_node(tmp_path):
@@ -239,7 +275,7 @@ def test_sbatch_headers_requeue_signal_and_log(script):
         "--requeue": "", "--open-mode": "append", "--output": "runs/slurm/%x-%j.out",
         "--ntasks-per-node": "1",
         # Only training resumes; a benchmark requeued at its time limit would start over.
-        "--signal": "B:USR1@300" if script in TRAINING_SCRIPTS else None,
+        "--signal": None if script == "bench.sbatch" else "B:USR1@300",
     }
     assert re.fullmatch(r"\d+-?\d*:\d\d:\d\d", options["--time"])
     # sbatch ignores #SBATCH lines after the first command: none may hide there.

@@ -6,8 +6,12 @@ import json
 import pytest
 
 from llmscale.config import ConfigError
-from llmscale.train.bench import BARE, Row, plan_overrides, plan_runs
-from llmscale.train.bench_report import format_table, plot_tokens_per_s, write_csv, write_json
+from llmscale.train.bench import (
+    BARE, Measurement, Row, Run, measured_row, plan_overrides, plan_runs,
+)
+from llmscale.train.bench_report import (
+    format_table, plot_tokens_per_s, tokens_per_s_chart, write_csv, write_json,
+)
 
 
 def test_plans_are_short_specs_hydra_overrides_or_both() -> None:
@@ -53,22 +57,42 @@ def test_every_bad_plan_is_reported_before_anything_runs() -> None:
     assert "'zero1'" not in message
 
 
+def test_the_ratio_to_the_bare_loop_is_per_device() -> None:
+    """Issue 14: dp2-zero1 on 2 ranks at 23,707 tokens/s against the bare loop's 20,921 on one
+    device is 0.57x per device (1.13x was the ratio of totals)."""
+    run = Run("dp2-zero1", ("parallel.dp=2",), 2, 4, 16)
+    bare = Measurement(20921.0, 0.060, None, None, [0.4])
+    row = measured_row(run, Measurement(23707.0, 0.034, None, None, [0.5, 0.5]), bare)
+    assert row.tokens_per_s == 23707.0
+    assert row.tokens_per_s_per_device == 23707.0 / 2
+    assert row.vs_bare == pytest.approx(0.567, abs=1e-3)
+    assert row.bare_tokens_per_s == 20921.0
+    bare_row = measured_row(Run(BARE, (), 1, 4, 16), bare, bare)
+    assert (bare_row.tokens_per_s_per_device, bare_row.vs_bare) == (20921.0, 1.0)
+    failed = measured_row(run, "exit status 1", bare)
+    assert (failed.error, failed.tokens_per_s_per_device, failed.vs_bare) == (
+        "exit status 1", None, None)
+
+
 def _rows():
-    bare = Row(BARE, 1, 1, 4, 16, tokens_per_s=1000.0, tflops_per_device=0.5, peak_rss_gib=0.4,
-               bare_tokens_per_s=1000.0, vs_bare=1.0, rss_gib_per_rank=[0.4])
-    plan = Row("dp2-zero1", 2, 2, 4, 16, tokens_per_s=1900.0, tflops_per_device=0.475,
-               mfu=0.31, peak_memory_gib=1.5, peak_rss_gib=0.5, bare_tokens_per_s=1000.0,
-               vs_bare=0.95, rss_gib_per_rank=[0.5, 0.45])
-    failed = Row("zero3", 2, 2, 4, 16, error="exit status 1:\nCUDA out of memory")
+    bare = Row(BARE, 1, 4, 16, tokens_per_s=1000.0, tokens_per_s_per_device=1000.0,
+               tflops_per_device=0.5, peak_rss_gib=0.4, bare_tokens_per_s=1000.0, vs_bare=1.0,
+               rss_gib_per_rank=[0.4])
+    plan = Row("dp2-zero1", 2, 4, 16, tokens_per_s=1900.0, tokens_per_s_per_device=950.0,
+               tflops_per_device=0.475, mfu=0.31, peak_memory_gib=1.5, peak_rss_gib=0.5,
+               bare_tokens_per_s=1000.0, vs_bare=0.95, rss_gib_per_rank=[0.5, 0.45])
+    failed = Row("zero3", 2, 4, 16, error="exit status 1:\nCUDA out of memory")
     return [bare, plan, failed]
 
 
 def test_the_table_has_a_line_per_run_and_shows_what_is_unknown() -> None:
     lines = format_table(_rows()).splitlines()
-    assert lines[0].split()[:4] == ["plan", "ranks", "micro", "global"]
+    assert lines[0].split() == ["plan", "ranks", "micro", "global", "tokens/s", "tokens/s/dev",
+                                "TFLOP/s/dev", "MFU", "mem", "GiB/rank", "RSS", "GiB/rank",
+                                "dev", "vs", "bare"]
     assert lines[1].split()[:2] == ["bare", "PyTorch"] and "n/a" in lines[1]
-    assert lines[2].split() == ["dp2-zero1", "2", "4", "16", "1,900", "0.475", "31.0%", "1.50",
-                                "0.50", "0.95"]
+    assert lines[2].split() == ["dp2-zero1", "2", "4", "16", "1,900", "950", "0.475", "31.0%",
+                                "1.50", "0.50", "0.95"]
     assert lines[3].split() == ["zero3", "2", "4", "16", "failed"]
     assert lines[4] == "zero3, micro-batch 4: exit status 1:"
 
@@ -82,8 +106,18 @@ def test_csv_json_and_png(tmp_path) -> None:
         records = list(csv.DictReader(file))
     assert [record["plan"] for record in records] == [BARE, "dp2-zero1", "zero3"]
     assert float(records[1]["vs_bare"]) == 0.95 and records[1]["mfu"] == "0.31"
+    assert (records[1]["tokens_per_s"], records[1]["tokens_per_s_per_device"]) == (
+        "1900.0", "950.0")
     assert records[2]["tokens_per_s"] == "" and "out of memory" in records[2]["error"]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["steps"] == 3
     assert report["rows"][1]["rss_gib_per_rank"] == [0.5, 0.45]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_chart_shows_tokens_per_s_per_device_labelled_with_the_ratio() -> None:
+    axes = tokens_per_s_chart(_rows(), "tiny").axes[0]
+    heights = [bar.get_height() for bar in axes.containers[0]]
+    labels = [text.get_text() for text in axes.texts]
+    assert heights == [1000.0, 950.0] and labels == ["1.00x", "0.95x"]
+    assert axes.get_ylabel() == "tokens/s per device (median)"
