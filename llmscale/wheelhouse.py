@@ -15,6 +15,7 @@ CUDA build), for a target Python version and platform. pip resolves the dependen
    already has; the wheels reached are downloaded (hash-checked) into the folder.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -130,13 +131,15 @@ def read_installed(path: Path) -> dict[str, str | None]:
     return installed
 
 
-def select_closure(report: dict, root: str, excluded: Iterable[str], environment: dict) -> list[dict]:
+def select_closure(
+    report: dict, root: str, excluded: Iterable[str], environment: dict, root_extras: Iterable[str] = ()
+) -> list[dict]:
     """The report's packages reachable from `root` through requirements whose markers hold on
     the target, not passing through an excluded package (the target has those, and theirs)."""
     items = {canonicalize_name(item["metadata"]["name"]): item for item in report["install"]}
     excluded = {canonicalize_name(name) for name in excluded}
     walked_extras: dict[str, set[str]] = {}
-    pending = [(canonicalize_name(root), set())]
+    pending = [(canonicalize_name(root), set(root_extras))]
     while pending:
         name, extras = pending.pop()
         if name in excluded or (name in walked_extras and extras <= walked_extras[name]):
@@ -158,33 +161,46 @@ def build_wheelhouse(
     project: Path,
     out: Path,
     target: Target = Target(),
+    *,
+    extras: Iterable[str] = (),
     installed: dict[str, str | None] | None = None,
     exclude: Iterable[str] = (),
+    pins: dict[str, str | None] | None = None,
 ) -> list[Path]:
     """Write into the new or empty folder `out` the wheels of `project` (llmscale's source
-    tree) and of everything it needs beyond torch and the `installed` packages (name ->
-    version or None) and `exclude` names the target already has. Returns the wheels."""
-    installed = installed or {}
+    tree, with its `extras`) and of everything it needs, except torch and the packages the
+    target has: `installed` (name -> version, or None where unknown) and `exclude`. Where
+    they fit, versions follow `installed`, then `pins`. Returns the wheels."""
+    installed, extras = installed or {}, sorted(extras)
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         raise WheelhouseError(f"{out} is not empty: remove it or name a new folder")
     out.mkdir(parents=True, exist_ok=True)
     project_wheel = _build_wheels(out, [str(project.resolve())])[0]
     project_name = canonicalize_name(parse_wheel_filename(project_wheel.name)[0])
-    excluded = {canonicalize_name(name) for name in (*ALWAYS_EXCLUDED, *installed, *exclude)}
-    excluded.discard(project_name)
+    requirement = f"{project_wheel}[{','.join(extras)}]" if extras else str(project_wheel)
+    excluded = {canonicalize_name(name) for name in (*ALWAYS_EXCLUDED, *installed, *exclude)} - {project_name}
+    versions = {name: version for name, version in {**(pins or {}), **installed}.items() if version}
     with tempfile.TemporaryDirectory() as scratch:
-        constraints = Path(scratch, "installed.txt")
-        constraints.write_text("".join(f"{name}=={version}\n" for name, version in installed.items() if version))
-        here = _resolve(project_wheel, out, Target(), constraints if target.is_local else None)
+        constraints = Path(scratch, "constraints.txt")
+        constraints.write_text("".join(f"{name}=={v}\n" for name, v in versions.items() if name != project_name))
+        here = _resolve(requirement, out, Target(), constraints if target.is_local else None)
         _build_source_only(here, out, excluded, target)
-        report = here if target.is_local else _resolve(project_wheel, out, target, constraints)
-    selected = select_closure(report, project_name, excluded, target.marker_environment())
+        report = here if target.is_local else _resolve(requirement, out, target, constraints)
+    selected = select_closure(report, project_name, excluded, target.marker_environment(), extras)
     # Wheels already in `out` are llmscale's and those built from source.
     to_download = [item for item in selected if _url(item).endswith(".whl") and not _url(item).startswith(out.as_uri())]
     if to_download:
-        _pip("download", "--no-deps", "--quiet", "--dest", str(out), *map(_hashed_url, to_download))
+        _pip("download", "--no-deps", "--quiet", "--dest", str(out), *target.pip_args(), *map(_hashed_url, to_download))
     return _keep_only(out, {canonicalize_name(item["metadata"]["name"]) for item in selected})
+
+
+def versions_here() -> dict[str, str]:
+    """The packages of this environment (the versions the tests ran with), as pins."""
+    return {
+        canonicalize_name(distribution.metadata["Name"]): distribution.version.split("+")[0]
+        for distribution in importlib.metadata.distributions()
+    }
 
 
 def _pip(*args: str, env: dict | None = None) -> None:
@@ -200,13 +216,13 @@ def _build_wheels(out: Path, requirements: list[str]) -> list[Path]:
     return sorted(set(out.glob("*.whl")) - before)
 
 
-def _resolve(requirement: Path, out: Path, target: Target, constraints: Path | None) -> dict:
+def _resolve(requirement: str, out: Path, target: Target, constraints: Path | None) -> dict:
     """pip's resolution of `requirement` for `target`, as its installation report."""
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch, "report.json")
         _pip("install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
              "--find-links", str(out), *target.pip_args(),
-             *(["--constraint", str(constraints)] if constraints else []), str(requirement))
+             *(["--constraint", str(constraints)] if constraints else []), requirement)
         return json.loads(report.read_text())
 
 
