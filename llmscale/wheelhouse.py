@@ -209,9 +209,11 @@ def _pip(*args: str, env: dict | None = None) -> None:
 
 def _build_wheels(out: Path, requirements: list[str]) -> list[Path]:
     """Without build isolation, so that nothing is fetched to build: DeepSpeed's setup imports
-    torch, and llmscale's and antlr4's need setuptools, which this environment has."""
+    torch, and llmscale's and antlr4's need setuptools, which this environment has. pip's cache
+    may serve a wheel built before, by `make setup` for one: a DeepSpeed built with its ops
+    would carry this machine's platform tag, which `_build_source_only` refuses for another."""
     before = set(out.glob("*.whl"))
-    _pip("wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "--quiet", "--wheel-dir", str(out),
+    _pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(out),
          *requirements, env=BUILD_ENV)
     return sorted(set(out.glob("*.whl")) - before)
 
