@@ -183,15 +183,19 @@ def build_wheelhouse(
     versions = {name: version for name, version in {**(pins or {}), **installed}.items() if version}
     with tempfile.TemporaryDirectory() as scratch:
         constraints = Path(scratch, "constraints.txt")
-        constraints.write_text("".join(f"{name}=={v}\n" for name, v in versions.items() if name != project_name))
+        pinned = (f"{name}=={version}\n" for name, version in versions.items() if name != project_name)
+        constraints.write_text("".join(pinned))
         here = _resolve(requirement, out, Target(), constraints if target.is_local else None)
         _build_source_only(here, out, excluded, target)
         report = here if target.is_local else _resolve(requirement, out, target, constraints)
     selected = select_closure(report, project_name, excluded, target.marker_environment(), extras)
     # Wheels already in `out` are llmscale's and those built from source.
-    to_download = [item for item in selected if _url(item).endswith(".whl") and not _url(item).startswith(out.as_uri())]
+    to_download = [
+        item for item in selected if _url(item).endswith(".whl") and not _url(item).startswith(out.as_uri())
+    ]
     if to_download:
-        _pip("download", "--no-deps", "--quiet", "--dest", str(out), *target.pip_args(), *map(_hashed_url, to_download))
+        urls = map(_hashed_url, to_download)
+        _pip("download", "--no-deps", "--quiet", "--dest", str(out), *target.pip_args(), *urls)
     return _keep_only(out, {canonicalize_name(item["metadata"]["name"]) for item in selected})
 
 
@@ -230,12 +234,11 @@ def _resolve(requirement: str, out: Path, target: Target, constraints: Path | No
 
 def _build_source_only(report: dict, out: Path, excluded: set[str], target: Target) -> None:
     """Build the wheels of the packages the index has only as source."""
-    sources = {
-        canonicalize_name(item["metadata"]["name"]): f'{item["metadata"]["name"]}=={item["metadata"]["version"]}'
+    wanted = [
+        f'{item["metadata"]["name"]}=={item["metadata"]["version"]}'
         for item in report["install"]
-        if not _url(item).endswith(".whl")
-    }
-    wanted = [requirement for name, requirement in sources.items() if name not in excluded]
+        if not _url(item).endswith(".whl") and canonicalize_name(item["metadata"]["name"]) not in excluded
+    ]
     if not wanted:
         return
     for wheel in _build_wheels(out, wanted):

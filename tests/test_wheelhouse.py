@@ -12,7 +12,14 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from llmscale.wheelhouse import Target, WheelhouseError, build_wheelhouse, platform_tags, read_installed, select_closure
+from llmscale.wheelhouse import (
+    Target,
+    WheelhouseError,
+    build_wheelhouse,
+    platform_tags,
+    read_installed,
+    select_closure,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +46,11 @@ def test_target_markers_follow_the_python_version_and_platform():
 
 @pytest.mark.parametrize(
     "python_version, platform, flag",
-    [("312", None, "--python-version"), ("3.12", "win_amd64", "--platform"), ("3.12", "macosx_14_0_arm64", "--platform")],
+    [
+        ("312", None, "--python-version"),
+        ("3.12", "win_amd64", "--platform"),
+        ("3.12", "macosx_14_0_arm64", "--platform"),
+    ],
 )
 def test_target_rejects_what_pip_or_a_cluster_cannot_use(python_version, platform, flag):
     with pytest.raises(WheelhouseError, match=flag):
@@ -49,7 +60,9 @@ def test_target_rejects_what_pip_or_a_cluster_cannot_use(python_version, platfor
 def test_closure_stops_at_excluded_packages_and_follows_markers_and_extras():
     report = {
         "install": [
-            package("llmscale", "torch>=2.5", "Hydra-Core", "datasets[http]", 'tomli; python_version < "3.11"'),
+            package(
+                "llmscale", "torch>=2.5", "Hydra-Core", "datasets[http]", 'tomli; python_version < "3.11"'
+            ),
             package("torch", "sympy", "filelock"),
             package("sympy"),
             package("filelock"),
@@ -64,7 +77,8 @@ def test_closure_stops_at_excluded_packages_and_follows_markers_and_extras():
 
     def names(python_version):
         environment = Target(python_version).marker_environment()
-        return sorted(item["metadata"]["name"] for item in select_closure(report, "llmscale", ["torch"], environment))
+        selected = select_closure(report, "llmscale", ["torch"], environment)
+        return sorted(item["metadata"]["name"] for item in selected)
 
     # sympy is torch's alone; filelock is also datasets', so it travels.
     assert names("3.12") == ["aiohttp", "datasets", "filelock", "hydra-core", "llmscale", "omegaconf"]
@@ -73,7 +87,8 @@ def test_closure_stops_at_excluded_packages_and_follows_markers_and_extras():
 
 def test_closure_names_a_requirement_missing_from_the_report():
     with pytest.raises(WheelhouseError, match="omegaconf"):
-        select_closure({"install": [package("llmscale", "omegaconf")]}, "llmscale", [], Target().marker_environment())
+        report = {"install": [package("llmscale", "omegaconf")]}
+        select_closure(report, "llmscale", [], Target().marker_environment())
 
 
 def test_installed_list_reads_pip_freeze_and_bare_names(tmp_path):
@@ -150,8 +165,9 @@ def test_fresh_venv_installs_llmscale_from_the_wheelhouse_with_no_index(tmp_path
         check=True, env=environment, cwd=tmp_path,
     )
     modules = ("llmscale", "deepspeed", "megatron.core", "hydra", "datasets", "wandb", "datasketch")
+    script = f"import importlib\nfor m in {modules}: print('FROM', importlib.import_module(m).__file__)"
     printed = subprocess.run(
-        [python, "-c", f"import importlib\nfor name in {modules}: print('FROM', importlib.import_module(name).__file__)"],
+        [python, "-c", script],
         check=True, env=environment, cwd=tmp_path, capture_output=True, text=True,
     ).stdout
     paths = re.findall(r"^FROM (.*)$", printed, re.MULTILINE)

@@ -35,13 +35,21 @@ MiB = 2**20
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="new or empty folder for the wheels")
-    parser.add_argument("--python-version", help="target CPython, e.g. 3.12 (default: this interpreter's)")
-    parser.add_argument("--platform", help="target wheel platform tag, e.g. manylinux_2_28_x86_64 (default: this machine's)")
-    parser.add_argument("--extras", nargs="+", default=[], metavar="EXTRA", help="llmscale's optional extras to include, e.g. hf")
-    parser.add_argument("--installed", type=Path, help="the target's `pip freeze`, or one package name a line: left out")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="more packages the target has: left out")
+    parser.add_argument("--python-version", help="target CPython, e.g. 3.12 (default: this one)")
+    parser.add_argument(
+        "--platform", help="target wheel platform tag, e.g. manylinux_2_28_x86_64 (default: this machine's)"
+    )
+    parser.add_argument("--extras", nargs="+", default=[], metavar="EXTRA", help="llmscale's extras, e.g. hf")
+    parser.add_argument(
+        "--installed", type=Path, help="the target's `pip freeze`, or one package name a line: left out"
+    )
+    parser.add_argument(
+        "--exclude", nargs="+", default=[], metavar="NAME", help="more packages the target has: left out"
+    )
     parser.add_argument("--tested-versions", action="store_true", help="prefer the versions installed here")
     args = parser.parse_args(argv)
     try:
@@ -64,8 +72,8 @@ def main(argv) -> int:
         print(f"{wheel.stat().st_size / MiB:8.2f} MiB  {wheel.name}")
     total = sum(wheel.stat().st_size for wheel in wheels) / MiB
     print(f"{total:8.2f} MiB  {len(wheels)} wheels in {args.out}")
-    extras = f"[{','.join(args.extras)}]" if args.extras else ""
-    print(f"install with no network: pip install --no-index --find-links {args.out} 'llmscale{extras}'")
+    requirement = f"'llmscale[{','.join(args.extras)}]'" if args.extras else "llmscale"
+    print(f"install with no network: pip install --no-index --find-links {args.out} {requirement}")
     return 0
 
 
