@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow test-matrix smollm2 continued
+.PHONY: setup demo test test-slow test-matrix smollm2 continued wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -48,3 +48,18 @@ weights/smollm2-135m/model.yaml: | setup
 # Continued pretraining of SmolLM2-135M on the bundled plays: 2 ranks, 30 steps.
 continued: smollm2
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=continued_smollm2
+
+# The offline install bundle (README, "Installing without network"): every wheel llmscale needs
+# beyond torch, in the versions tested here where they fit, for PYTHON_VERSION and PLATFORM
+# (a wheel platform tag; both default to this venv's). INSTALLED: a file of the packages the
+# target already has (its `pip freeze`, or one name a line), left out.
+WHEELHOUSE ?= .wheelhouse
+PYTHON_VERSION ?=
+PLATFORM ?=
+INSTALLED ?=
+
+wheelhouse: setup
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python tools/wheelhouse.py $(WHEELHOUSE) --tested-versions \
+		$(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) $(if $(PLATFORM),--platform $(PLATFORM)) \
+		$(if $(INSTALLED),--installed $(INSTALLED))
