@@ -27,11 +27,11 @@ from llmscale.checkpoint.reshard import (
 )
 from llmscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from llmscale.checkpoint.safe_load import weights_only_loads
+from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import ConfigError
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import CheckpointConfig
-from llmscale.config.validate import ParallelPlan
 from llmscale.files import write_text_atomically
-from llmscale.train.state import TrainState
 
 log = logging.getLogger(__name__)
 

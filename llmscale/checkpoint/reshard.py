@@ -30,7 +30,7 @@ from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_st
 
 from llmscale.checkpoint.safe_load import load_deepspeed_file, weights_only_loads
 from llmscale.config.load import ConfigError
-from llmscale.config.validate import ParallelPlan
+from llmscale.config.plan import ParallelPlan
 from llmscale.parallel.pipeline import canonical_name
 from llmscale.parallel.tensor_parallel import local_shard
 

@@ -1,6 +1,7 @@
 from llmscale.config.load import ConfigError, load_config, strip_launcher_args, to_yaml
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import LLMScaleConfig
-from llmscale.config.validate import ParallelPlan, validate
+from llmscale.config.validate import validate
 
 __all__ = [
     "ConfigError",

@@ -19,6 +19,7 @@ from torch import nn
 
 from llmscale.config.schema import ModelConfig
 from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
+from llmscale.models.mlp import MLP
 from llmscale.models.moe import MoEFeedForward
 
 
@@ -119,19 +120,6 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -20,6 +20,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from llmscale.config.schema import ModelConfig
+from llmscale.models.mlp import MLP
 
 
 class MoEFeedForward(MoE):
@@ -43,10 +44,6 @@ class MoEFeedForward(MoE):
     """
 
     def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
-        # Imported here: the decoder in llama.py builds this module, so a top-level import
-        # would be circular.
-        from llmscale.models.llama import MLP
-
         super().__init__(
             hidden_size=cfg.hidden_size,
             expert=MLP(cfg),

@@ -2,8 +2,8 @@
 
 from typing import Any, Dict
 
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import LLMScaleConfig, Precision
-from llmscale.config.validate import ParallelPlan
 
 # Large enough that DeepSpeed's own periodic console lines never interleave with ours.
 _NEVER = 1 << 30

@@ -79,13 +79,14 @@ from dataclasses import dataclass, replace
 from typing import List
 
 from llmscale.config.load import ConfigError
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import (
     ActivationCheckpointing,
     LLMScaleConfig,
     ModelConfig,
     Precision,
 )
-from llmscale.config.validate import ParallelPlan, validate
+from llmscale.config.validate import validate
 from llmscale.models.flops import layer_matmul_parameters
 
 GiB = 1024**3

@@ -7,7 +7,7 @@ from typing import List
 import torch
 from torch import nn
 
-from llmscale.config.validate import ParallelPlan
+from llmscale.config.plan import ParallelPlan
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.compile import apply_compile

@@ -17,7 +17,7 @@ from deepspeed.runtime.utils import partition_balanced
 from megatron.core import parallel_state
 from torch import nn
 
-from llmscale.config.validate import ParallelPlan
+from llmscale.config.plan import ParallelPlan
 from llmscale.models.llama import DecoderLayer, Llama, RMSNorm, RotaryEmbedding
 
 

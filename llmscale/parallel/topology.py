@@ -5,7 +5,7 @@ and Megatron's coincide."""
 
 from megatron.core import parallel_state
 
-from llmscale.config.validate import ParallelPlan
+from llmscale.config.plan import ParallelPlan
 from llmscale.parallel.megatron_cpu import allow_megatron_layers_on_cpu
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Deque, Dict, Iterator, List, Optional, Tuple
 
 from llmscale.checkpoint.checkpointer import Checkpointer, ResumeSource
+from llmscale.checkpoint.state import TrainState
 from llmscale.config.schema import AnomalyPolicy, TrainConfig
-from llmscale.train.state import TrainState
 
 
 class TrainingStopped(Exception):

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision
-from llmscale.config.validate import ParallelPlan
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.memory_plan import MemoryEstimate, estimate

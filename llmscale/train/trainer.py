@@ -20,9 +20,11 @@ from llmscale.checkpoint.checkpointer import (
     Checkpointer, ResumeSource, prepare_resume, resolve_resume,
 )
 from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
+from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
-from llmscale.config.validate import ParallelPlan, validate
+from llmscale.config.validate import validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
@@ -38,7 +40,6 @@ from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.fault_injection import inject_loss_faults
 from llmscale.train.memory import peak_memory_metrics
 from llmscale.train.sinks import Metrics, build_sinks
-from llmscale.train.state import TrainState
 from llmscale.train.step import train_step
 from llmscale.train.stop_file import StopFile
 from llmscale.train.throughput import ThroughputMeter, peak_tflops

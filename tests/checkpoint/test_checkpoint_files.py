@@ -13,8 +13,8 @@ from llmscale.checkpoint.checkpointer import (
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import check_reshardable, needs_universal
 from llmscale.config.load import ConfigError
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import CheckpointConfig
-from llmscale.config.validate import ParallelPlan
 
 PLAN = ParallelPlan(world_size=2, dp=2, tp=1, pp=1, zero_stage=2, micro_batch_size=8,
                     grad_accum_steps=1, global_batch_size=16)

@@ -11,8 +11,8 @@ from llmscale.config import load_config, validate
 from llmscale.config.schema import ModelConfig
 from llmscale.models import Llama
 from llmscale.models.fused_loss import IGNORE_INDEX
+from llmscale.optim.optimizer import build_optimizer
 from llmscale.parallel.compile import apply_compile
-from llmscale.parallel.engine import build_optimizer
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176,
                    vocab_size=256, max_seq_len=32)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmscale.config import load_config, validate
+from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision
-from llmscale.config.validate import ParallelPlan
 from llmscale.models import count_parameters
 from llmscale.parallel.memory_plan import (
     GiB,

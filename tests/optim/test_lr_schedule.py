@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmscale.config.schema import LRDecay, OptimConfig
-from llmscale.train.lr_schedule import build_lr_scheduler, learning_rate
+from llmscale.optim.lr_schedule import build_lr_scheduler, learning_rate
 
 WARMUP = 10
 MAX_STEPS = 110  # 100 decay steps after warmup

@@ -1,3 +1,5 @@
+"""The loop's progress counters, which every checkpoint saves and a resume restores."""
+
 from dataclasses import dataclass
 
 
