@@ -7,7 +7,7 @@ bare PyTorch loop on the same model and data.
 Hydra overrides for every run come first. A plan is one argument: short specs joined by '-'
 (dpN, tpN, ppN, zeroN) and/or Hydra overrides; one without dpN runs on --nproc-per-node ranks.
 Each plan x micro-batch size takes warmup + steps steps in a temporary folder, without
-checkpoints; the bare loop (llmscale/train/bare_loop.py) runs once per workload, on one device.
+checkpoints; the bare loop (llmscale/bench/bare_loop.py) runs once per workload, on one device.
 Printed, and written to DIR as bench.csv, bench.json and bench.png: median tokens/s (all ranks, and
 per device), TFLOP/s per device, MFU (where the device's peak is known), peak memory per rank and
 each plan's tokens/s per device relative to the bare loop's on one device. A device is a rank; on
@@ -28,14 +28,14 @@ import torch
 if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmscale.config.load import ConfigError  # noqa: E402
-from llmscale.train.bench import benchmark, plan_runs  # noqa: E402
-from llmscale.train.bench_report import (  # noqa: E402
+from llmscale.bench.plans import benchmark, plan_runs  # noqa: E402
+from llmscale.bench.report import (  # noqa: E402
     format_table,
     plot_tokens_per_s,
     write_csv,
     write_json,
 )
+from llmscale.config.load import ConfigError  # noqa: E402
 
 
 def main(argv) -> int:

@@ -12,7 +12,7 @@ and clipping:
 
 - llmscale: the DeepSpeed engine from `build_engine`, driven by `train_step`, the step
   `pretrain`'s loop runs (llmscale/train/step.py), plus its get_lr and get_global_grad_norm.
-- bare: `BareLoop` (llmscale/train/bare_loop.py): bf16 autocast over fp32 weights where the
+- bare: `BareLoop` (llmscale/bench/bare_loop.py): bf16 autocast over fp32 weights where the
   config says train.precision=bf16.
 
 Steps alternate (llmscale, bare, llmscale, ...) so drift hits both alike; batch collation is
@@ -52,6 +52,7 @@ import torch
 if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmscale.bench.bare_loop import BareLoop, load_training_batches  # noqa: E402
 from llmscale.config.load import load_config  # noqa: E402
 from llmscale.config.schema import LLMScaleConfig  # noqa: E402
 from llmscale.config.validate import validate  # noqa: E402
@@ -60,7 +61,6 @@ from llmscale.models.flops import count_parameters  # noqa: E402
 from llmscale.parallel.distributed import DistributedContext, init_distributed  # noqa: E402
 from llmscale.parallel.engine import build_engine  # noqa: E402
 from llmscale.parallel.parallelize import parallelize  # noqa: E402
-from llmscale.train.bare_loop import BareLoop, load_training_batches  # noqa: E402
 from llmscale.train.step import train_step  # noqa: E402
 from llmscale.train.throughput import ThroughputMeter, peak_tflops  # noqa: E402
 from llmscale.train.trainer import pretrain, seed_everything  # noqa: E402

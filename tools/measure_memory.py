@@ -5,7 +5,7 @@
 For each model, sequence length, micro-batch and activation checkpointing mode of a small
 matrix, one process runs a torch AdamW step (forward, backward, clipping, step) of the Llama
 model on CPU and measures the bytes of live tensors with the profiler's allocation events
-(llmscale.train.memory), then prints the estimate, the measurement and the error: of the
+(llmscale.bench.measured_memory), then prints the estimate, the measurement and the error: of the
 step's peak (weights, gradients, optimizer state, activations and temporaries at the fullest
 moment), of the activations the forward pass saves, and of what the step adds to the states
 (all but the weights, the optimizer state and kept buffers). bf16 rows compare the activations
@@ -31,13 +31,13 @@ if importlib.util.find_spec("llmscale") is None:
 
 import torch  # noqa: E402
 
-from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision  # noqa: E402
-from llmscale.train.memory import (  # noqa: E402
+from llmscale.bench.measured_memory import (  # noqa: E402
     AllocationTrace,
     EstimateCheck,
     check_estimate,
     check_parallel_estimate,
 )
+from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision  # noqa: E402
 
 MiB = 2**20
 TP = 2

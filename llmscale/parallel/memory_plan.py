@@ -58,7 +58,7 @@ come once SwiGLU's four i-wide tensors and the norm's two outputs (4e*i + 2e*h) 
 tp 1 SwiGLU's is the fuller for any i above 4h/3 (bf16); with tp > 1 and no sequence
 parallelism the norm's, whole on every rank, often is.
 
-Checked against measurement (tools/measure_memory.py, tests/parallel/test_memory_measured.py):
+Checked against measurement (tools/measure_memory.py, tests/bench/test_measured_memory.py):
 the peak bytes of live tensors of a CPU training step (fp32, torch AdamW, one micro-batch) of
 2-8 layer models, h 128-512, GQA and MHA, vocabulary 320-8192, seq 128-512, micro-batch 2-8,
 in each checkpointing mode, are within 2.8% of the estimate (18 configurations, where the

@@ -38,7 +38,7 @@ from llmscale.train.anomaly import (
 )
 from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.fault_injection import inject_loss_faults
-from llmscale.train.memory import peak_memory_metrics
+from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import Metrics, build_sinks
 from llmscale.train.step import train_step
 from llmscale.train.stop_file import StopFile

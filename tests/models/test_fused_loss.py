@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmscale.bench.measured_memory import AllocationTrace
 from llmscale.models import Llama
 from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
-from llmscale.train.memory import AllocationTrace
 from test_llama import TINY, random_batch
 
 

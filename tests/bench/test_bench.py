@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from llmscale.config import ConfigError
-from llmscale.train.bench import (
+from llmscale.bench.plans import (
     BARE, Measurement, Row, Run, measured_row, plan_overrides, plan_runs,
 )
-from llmscale.train.bench_report import (
+from llmscale.bench.report import (
     format_table, plot_tokens_per_s, tokens_per_s_chart, write_csv, write_json,
 )
+from llmscale.config import ConfigError
 
 
 def test_plans_are_short_specs_hydra_overrides_or_both() -> None:

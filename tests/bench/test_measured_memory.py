@@ -1,5 +1,5 @@
 """llmscale/parallel/memory_plan.py against the measured memory of CPU training steps
-(llmscale.train.memory), one process and tensor-parallel on two, and activation
+(llmscale.bench.measured_memory), one process and tensor-parallel on two, and activation
 checkpointing: less memory, the same numbers. tools/measure_memory.py prints the larger
 matrices."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from launching import REPO_ROOT, clean_env
 
+from llmscale.bench.measured_memory import AllocationTrace, check_estimate
 from llmscale.config.schema import ActivationCheckpointing, ModelConfig
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
-from llmscale.train.memory import AllocationTrace, check_estimate
 
 MiB = 2**20
 TOOL = REPO_ROOT / "tools" / "measure_memory.py"

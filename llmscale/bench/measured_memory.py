@@ -1,7 +1,6 @@
-"""Memory of a training step: peak accelerator memory as a per-step metric beside tokens/s, and
-an exact CPU measurement of the bytes of live tensors during one step, of the whole model or of
-one tensor-parallel rank's share, which checks llmscale.parallel.memory_plan against the model
-(tools/measure_memory.py)."""
+"""Measured memory of a training step: an exact CPU measurement of the bytes of live tensors during
+one step, of the whole model or of one tensor-parallel rank's share, which checks the estimate of
+llmscale.parallel.memory_plan against the model (tools/measure_memory.py)."""
 
 import gc
 import time
@@ -21,20 +20,6 @@ from llmscale.parallel.activation_checkpointing import apply_activation_checkpoi
 from llmscale.parallel.memory_plan import MemoryEstimate, estimate
 from llmscale.parallel.parallelize import parallelize
 from llmscale.parallel.topology import init_model_parallel
-
-
-def peak_memory_metrics(device: torch.device) -> Dict[str, float]:
-    """`peak_memory_gib`: the largest `torch.cuda.max_memory_allocated` of any rank so far.
-
-    Every rank must call it (one all-reduce): ranks need not be alike, as pipeline stages are not.
-    Nothing on CPU, where rank memory is the process's RSS, which a benchmark reads from outside
-    (llmscale.train.bench)."""
-    if device.type != "cuda":
-        return {}
-    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return {"peak_memory_gib": peak.item() / 2**30}
 
 
 class AllocationTrace:

@@ -52,7 +52,7 @@ def test_the_bare_loop_trains_as_the_trainer_does(tmp_path):
     """Same initial weights, batches, optimizer, schedule and clipping: the same losses."""
     steps = ["train.max_steps=5", "checkpoint.interval=0", "checkpoint.save_final=false"]
     launch("python", tmp_path / "trainer", *steps)
-    subprocess.run([sys.executable, "-m", "llmscale.train.bare_loop", "+exp=tiny", *QUIET, *steps,
+    subprocess.run([sys.executable, "-m", "llmscale.bench.bare_loop", "+exp=tiny", *QUIET, *steps,
                     f"train.run_dir={tmp_path / 'bare'}"],
                    cwd=REPO_ROOT, env=clean_env(), check=True, capture_output=True, timeout=600)
     trainer, bare = metrics(tmp_path / "trainer", "loss"), metrics(tmp_path / "bare", "loss")

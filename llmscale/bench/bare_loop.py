@@ -1,7 +1,7 @@
 """A bare PyTorch training loop on llmscale's model, data, AdamW and LR schedule: the yardstick
 that the DeepSpeed trainer is measured against (tools/bench.py, tools/bench_overhead.py).
 
-    python -m llmscale.train.bare_loop +exp=tiny key=value ...
+    python -m llmscale.bench.bare_loop +exp=tiny key=value ...
 
 One process, one device. It sets up as `pretrain` does (seeding, sample order, AdamW param
 groups, LR schedule, clipping, the plan's compiled layers, fused loss and fused AdamW; bf16
@@ -31,7 +31,7 @@ from llmscale.optim.optimizer import build_optimizer
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.parallelize import parallelize
 from llmscale.train.data_setup import build_datasets, resolve_vocab_size
-from llmscale.train.memory import peak_memory_metrics
+from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import JsonlSink
 from llmscale.train.throughput import ThroughputMeter, peak_tflops
 from llmscale.train.trainer import seed_everything
@@ -96,7 +96,7 @@ def train_bare(cfg: LLMScaleConfig) -> Path:
     if read_world_size() != 1:
         raise ConfigError(
             f"the bare loop runs in one process, not WORLD_SIZE={read_world_size()}: launch it "
-            "with `python -m llmscale.train.bare_loop` or `torchrun --nproc_per_node 1`"
+            "with `python -m llmscale.bench.bare_loop` or `torchrun --nproc_per_node 1`"
         )
     plan = validate(cfg, 1)
     ctx = init_distributed()  # the trainer's device choice and CPU thread count

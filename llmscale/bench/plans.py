@@ -39,7 +39,7 @@ _SHORT_SPEC_KEYS = {"dp": "parallel.dp", "tp": "parallel.tp", "pp": "parallel.pp
 _ONE_RANK = ("parallel.dp=1", "parallel.tp=1", "parallel.pp=1")
 # What torchrun starts: the trainer, or the bare loop.
 _PRETRAIN = (str(REPO_ROOT / "launch" / "pretrain.py"),)
-_BARE_LOOP = ("-m", "llmscale.train.bare_loop")
+_BARE_LOOP = ("-m", "llmscale.bench.bare_loop")
 # Set by a launcher the benchmark itself may run under; its runs get their own from torchrun.
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                        "MASTER_PORT")

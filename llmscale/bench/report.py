@@ -13,7 +13,7 @@ except ModuleNotFoundError as error:
     raise ModuleNotFoundError("the benchmark plots with matplotlib: pip install -e '.[bench]'") \
         from error
 
-from llmscale.train.bench import Row
+from llmscale.bench.plans import Row
 
 # Header, Row field, format; the table and the CSV show these (the JSON shows every field).
 COLUMNS = [
