@@ -33,9 +33,9 @@ if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmscale.data.corpus import resolve_paths  # noqa: E402
-from llmscale.data.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
-from llmscale.data.tokenize_stage import TokenizeTask, tokenize_parts  # noqa: E402
 from llmscale.data.tokenizer import train_sentencepiece  # noqa: E402
+from llmscale.prep.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+from llmscale.prep.tokenize_stage import TokenizeTask, tokenize_parts  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT_WORDS = (400, 1600)

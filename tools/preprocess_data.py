@@ -26,17 +26,17 @@ if importlib.util.find_spec("llmscale") is None:
 # megatron-core's import notes that its fused GPU kernels are missing; preprocessing uses none.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-from llmscale.data.cleaning import UNICODE_FORMS, CleaningConfig  # noqa: E402
-from llmscale.data.dedup import DedupConfig  # noqa: E402
-from llmscale.data.prepare import PrepareConfig  # noqa: E402
-from llmscale.data.preprocess import (  # noqa: E402
+from llmscale.data.tokenizer import SENTENCEPIECE_MODEL_TYPES  # noqa: E402
+from llmscale.prep.cleaning import UNICODE_FORMS, CleaningConfig  # noqa: E402
+from llmscale.prep.dedup import DedupConfig  # noqa: E402
+from llmscale.prep.prepare import PrepareConfig  # noqa: E402
+from llmscale.prep.preprocess import (  # noqa: E402
     PreprocessConfig,
     TokenizerTrainingConfig,
     run_preprocess,
 )
-from llmscale.data.quality import LANGUAGES, QualityConfig  # noqa: E402
-from llmscale.data.sources import TEXT_DOCUMENT_UNITS, ReadConfig  # noqa: E402
-from llmscale.data.tokenizer import SENTENCEPIECE_MODEL_TYPES  # noqa: E402
+from llmscale.prep.quality import LANGUAGES, QualityConfig  # noqa: E402
+from llmscale.prep.sources import TEXT_DOCUMENT_UNITS, ReadConfig  # noqa: E402
 
 DEFAULT_DATASET = "corpus"
 

@@ -25,12 +25,12 @@ from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import LLMScaleConfig, Precision
 from llmscale.config.validate import validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
+from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.models import Llama, flops_per_token
 from llmscale.optim.lr_schedule import build_lr_scheduler
 from llmscale.optim.optimizer import build_optimizer
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.parallelize import parallelize
-from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import JsonlSink
 from llmscale.train.throughput import ThroughputMeter, peak_tflops

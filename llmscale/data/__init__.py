@@ -1,7 +1,7 @@
 """Tokenizers, packed token datasets, and the global sample order that feeds data-parallel ranks.
 
-The corpus pipeline (llmscale.data.preprocess) and blends of prepared datasets
-(llmscale.data.blend) load megatron-core, so they are imported from their modules.
+Blends of prepared datasets (llmscale.data.blend) load megatron-core, so they are imported from
+their module. The offline pipeline that prepares those datasets is llmscale.prep.
 """
 
 from llmscale.data.corpus import PackedDataset, load_token_stream, resolve_paths, split_train_val

@@ -28,9 +28,11 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch import Tensor
 
 from llmscale.config.schema import DataConfig
-from llmscale.data.tokenize_stage import DATASET_METADATA
 from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
 
+# Written beside a dataset's shards by the preprocessing pipeline (llmscale.prep.preprocess): its
+# tokenizer's identity and its counts.
+DATASET_METADATA = "dataset.json"
 SPLIT_NAMES = ("train", "validation", "test")
 
 

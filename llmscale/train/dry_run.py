@@ -7,10 +7,10 @@ from llmscale.config.load import REPO_ROOT
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import build_tokenizer
+from llmscale.data.build import resolve_vocab_size
 from llmscale.models import count_parameters, flops_per_token
 from llmscale.parallel.deepspeed_config import build_deepspeed_config
 from llmscale.parallel.memory_plan import estimate
-from llmscale.train.data_setup import resolve_vocab_size
 
 
 def resolve_vocab(cfg: LLMScaleConfig) -> None:

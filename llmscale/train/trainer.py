@@ -26,6 +26,7 @@ from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
+from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.models.moe import router_metrics
@@ -36,7 +37,6 @@ from llmscale.parallel.topology import init_model_parallel
 from llmscale.train.anomaly import (
     Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
 )
-from llmscale.train.data_setup import build_datasets, resolve_vocab_size
 from llmscale.train.fault_injection import inject_loss_faults
 from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import Metrics, build_sinks

@@ -22,8 +22,8 @@ from llmscale.data import (
     rank_micro_batches,
 )
 from llmscale.data.blend import build_blended_datasets
-from llmscale.data.preprocess import run_preprocess
-from llmscale.data.tokenize_stage import TokenizeTask, token_dtype, tokenize_part
+from llmscale.prep.preprocess import run_preprocess
+from llmscale.prep.tokenize_stage import TokenizeTask, token_dtype, tokenize_part
 
 TOKENIZER = ByteTokenizer()
 EOD = TOKENIZER.eod_id

@@ -14,11 +14,11 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
-from llmscale.data.corpus_stats import DatasetStats
-from llmscale.data.dedup import DedupIndex
-from llmscale.data.parallel import ordered_map
-from llmscale.data.prepare import PrepareConfig, prepare_batch
-from llmscale.data.sources import RawDocument, Skipped, read_documents
+from llmscale.prep.corpus_stats import DatasetStats
+from llmscale.prep.dedup import DedupIndex
+from llmscale.prep.prepare import PrepareConfig, prepare_batch
+from llmscale.prep.process_pool import ordered_map
+from llmscale.prep.sources import RawDocument, Skipped, read_documents
 
 # Documents handed to a worker at once: big enough to amortise the hand-over, small enough
 # that the read-ahead (two batches per worker) stays a few megabytes.

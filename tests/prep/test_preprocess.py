@@ -10,13 +10,13 @@ import pytest
 from corpus_fixtures import CHINESE, SHAKESPEARE, english_paragraphs, train_hf_tokenizer
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from llmscale.data import tokenize_stage
-from llmscale.data.cleaning import CleaningConfig, clean_text
-from llmscale.data.dedup import DedupIndex
-from llmscale.data.prepare import PrepareConfig
-from llmscale.data.preprocess import PreprocessConfig, TokenizerTrainingConfig, run_preprocess
-from llmscale.data.quality import QualityConfig
 from llmscale.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
+from llmscale.prep import tokenize_stage
+from llmscale.prep.cleaning import CleaningConfig, clean_text
+from llmscale.prep.dedup import DedupIndex
+from llmscale.prep.prepare import PrepareConfig
+from llmscale.prep.preprocess import PreprocessConfig, TokenizerTrainingConfig, run_preprocess
+from llmscale.prep.quality import QualityConfig
 
 ENGLISH = english_paragraphs(count=60)
 TRAINING = TokenizerTrainingConfig(vocab_size=600)

@@ -2,7 +2,7 @@
 
 from dataclasses import asdict, dataclass, field
 
-from llmscale.data.prepare import PreparedDocument
+from llmscale.prep.prepare import PreparedDocument
 
 
 @dataclass

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmscale.data.cleaning import CleaningConfig, clean_text
-from llmscale.data.dedup import DedupConfig, content_hash, minhash_signature
-from llmscale.data.quality import QualityConfig, drop_reason
-from llmscale.data.sources import RawDocument, ReadConfig, Skipped
-from llmscale.data.units import text_units
+from llmscale.prep.cleaning import CleaningConfig, clean_text
+from llmscale.prep.dedup import DedupConfig, content_hash, minhash_signature
+from llmscale.prep.quality import QualityConfig, drop_reason
+from llmscale.prep.sources import RawDocument, ReadConfig, Skipped
+from llmscale.prep.units import text_units
 
 
 @dataclass(frozen=True)

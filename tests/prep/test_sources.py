@@ -9,9 +9,9 @@ import pyarrow.parquet
 import pytest
 from corpus_fixtures import CHINESE, REPO_ROOT, english_paragraphs
 
-from llmscale.data.prepare import PrepareConfig, prepare
-from llmscale.data.quality import QualityConfig
-from llmscale.data.sources import RawDocument, ReadConfig, Skipped, find_sources, read_documents
+from llmscale.prep.prepare import PrepareConfig, prepare
+from llmscale.prep.quality import QualityConfig
+from llmscale.prep.sources import RawDocument, ReadConfig, Skipped, find_sources, read_documents
 
 TEXT = english_paragraphs(count=3)
 MAX_CHARS = 1 << 17

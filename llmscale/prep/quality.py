@@ -1,6 +1,6 @@
 """Heuristic quality filters (in the spirit of Gopher/C4) that work for English and Chinese.
 
-Word statistics are taken over units (llmscale.data.units), which Chinese text has too.
+Word statistics are taken over units (llmscale.prep.units), which Chinese text has too.
 """
 
 import re
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmscale.data.units import ngram_hashes
+from llmscale.prep.units import ngram_hashes
 
 LANGUAGES = ("en", "zh")
 

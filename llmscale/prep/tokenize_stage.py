@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from llmscale.data.parallel import ordered_map
 from llmscale.data.tokenizer import Tokenizer, open_tokenizer
+from llmscale.prep.process_pool import ordered_map
 
-# Written beside a dataset's shards: its tokenizer's identity and its counts.
-DATASET_METADATA = "dataset.json"
 # Characters of text encoded per tokenizer call: large enough to leave the per-call overhead
 # negligible, small enough to keep a worker's memory flat.
 _ENCODE_BATCH_CHARS = 1 << 20

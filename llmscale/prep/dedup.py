@@ -19,7 +19,7 @@ import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 
-from llmscale.data.units import ngram_hashes
+from llmscale.prep.units import ngram_hashes
 
 # MinHash permutation seed; fixed so signatures agree between processes and runs.
 _MINHASH_SEED = 1

@@ -19,19 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmscale.data.blend import DATASET_METADATA
 from llmscale.data.character_coverage import default_character_coverage
-from llmscale.data.clean_stage import DatasetSources, clean_corpus, cleaned_lines
-from llmscale.data.corpus_stats import DatasetStats, total
-from llmscale.data.dedup import DedupIndex
-from llmscale.data.prepare import PrepareConfig
-from llmscale.data.sources import find_sources
-from llmscale.data.tokenize_stage import (
-    DATASET_METADATA,
-    TokenizedPart,
-    TokenizeTask,
-    token_dtype,
-    tokenize_parts,
-)
 from llmscale.data.tokenizer import (
     SENTENCEPIECE_MODEL_TYPES,
     open_tokenizer,
@@ -39,6 +28,17 @@ from llmscale.data.tokenizer import (
     train_sentencepiece_on_lines,
 )
 from llmscale.files import write_text_atomically
+from llmscale.prep.clean_stage import DatasetSources, clean_corpus, cleaned_lines
+from llmscale.prep.corpus_stats import DatasetStats, total
+from llmscale.prep.dedup import DedupIndex
+from llmscale.prep.prepare import PrepareConfig
+from llmscale.prep.sources import find_sources
+from llmscale.prep.tokenize_stage import (
+    TokenizedPart,
+    TokenizeTask,
+    token_dtype,
+    tokenize_parts,
+)
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -1,14 +1,14 @@
 import pytest
 from corpus_fixtures import CHINESE, english_paragraphs
 
-from llmscale.data.quality import (
+from llmscale.prep.quality import (
     QualityConfig,
     detect_language,
     drop_reason,
     repeated_line_ratio,
     repeated_ngram_ratio,
 )
-from llmscale.data.units import text_units
+from llmscale.prep.units import text_units
 
 DEFAULT = QualityConfig()
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from corpus_fixtures import CHINESE, english_paragraphs
 
-from llmscale.data.dedup import DedupConfig, DedupIndex, content_hash, minhash_signature
-from llmscale.data.units import text_units
+from llmscale.prep.dedup import DedupConfig, DedupIndex, content_hash, minhash_signature
+from llmscale.prep.units import text_units
 
 CONFIG = DedupConfig()
 PARAGRAPHS = english_paragraphs(count=40)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import tokenizers
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO_ROOT / "data" / "shakespeare"
 
 # Distinct Chinese paragraphs (classical poems and plain modern prose), each long enough to

@@ -1,6 +1,6 @@
 import numpy as np
 
-from llmscale.data.units import ngram_hashes, text_units
+from llmscale.prep.units import ngram_hashes, text_units
 
 
 def test_cjk_characters_are_units_and_other_words_are_runs() -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from llmscale.data.cleaning import CleanedText, CleaningConfig, clean_text
+from llmscale.prep.cleaning import CleanedText, CleaningConfig, clean_text
 
 NFC = CleaningConfig()
 NFKC = CleaningConfig(unicode_form="NFKC")
