@@ -4,7 +4,7 @@ Every rule that fails is reported at once, each naming the fields, their values 
 bad plan costs one edit instead of one cluster allocation per mistake.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -19,8 +19,38 @@ def _divisors(n: int) -> List[int]:
 
 def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
     """Check `cfg` for a job of `world_size` ranks and return the resolved plan."""
+    # The cross-field rules divide by these sizes, so they run only once all are positive.
+    errors = _positive_rules(cfg)
+    if errors:
+        raise ConfigError(_report(errors))
+    errors = [*_anomaly_rules(cfg), *_model_rules(cfg), *_expert_rules(cfg),
+              *_fast_path_rules(cfg), *_data_rules(cfg), *_optim_rules(cfg)]
+    dp, layout_errors = _layout_rules(cfg, world_size)
+    accum, batch_errors = _batch_rules(cfg, dp)
+    errors += [*layout_errors, *_zero_rules(cfg), *batch_errors]
+    if errors:
+        raise ConfigError(_report(errors))
+    par, train = cfg.parallel, cfg.train
+    return ParallelPlan(
+        world_size=world_size,
+        dp=dp,
+        tp=par.tp,
+        pp=par.pp,
+        zero_stage=par.zero_stage,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum_steps=accum,
+        global_batch_size=train.global_batch_size,
+        ep=par.ep,
+        sequence_parallel=par.sequence_parallel and par.tp > 1,
+        activation_checkpointing=par.activation_checkpointing,
+        compile=_resolve(train.compile, _compile_applies(cfg)),
+        fused_loss=_resolve(train.fused_loss, par.tp == 1),
+        fused_optimizer=_resolve(cfg.optim.fused, True),
+    )
+
+
+def _positive_rules(cfg: LLMScaleConfig) -> List[str]:
     errors: List[str] = []
-    model, par, train, data, optim = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
 
     def positive(name: str, value: Optional[float]) -> None:
         if value is not None and value <= 0:
@@ -28,23 +58,26 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
 
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                  "vocab_size", "max_seq_len", "vocab_multiple", "moe_top_k"):
-        positive(f"model.{name}", getattr(model, name))
+        positive(f"model.{name}", getattr(cfg.model, name))
     for name in ("tp", "pp", "dp", "ep", "pp_microbatches"):
-        positive(f"parallel.{name}", getattr(par, name))
+        positive(f"parallel.{name}", getattr(cfg.parallel, name))
     for name in ("max_steps", "exit_at_step", "micro_batch_size", "global_batch_size",
                  "grad_accum_steps", "eval_interval", "eval_batches", "log_interval",
                  "spike_window", "max_anomalies", "collective_timeout_s", "inject_nan_at_batch",
                  "inject_spike_at_batch"):
-        positive(f"train.{name}", getattr(train, name))
-    positive("data.seq_len", data.seq_len)
-    positive("optim.lr", optim.lr)
+        positive(f"train.{name}", getattr(cfg.train, name))
+    positive("data.seq_len", cfg.data.seq_len)
+    positive("optim.lr", cfg.optim.lr)
     positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     positive("checkpoint.keep_every", cfg.checkpoint.keep_every)
     if cfg.checkpoint.interval < 0:
         errors.append(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: no periodic saves)")
-    if errors:
-        raise ConfigError(_report(errors))
+    return errors
 
+
+def _anomaly_rules(cfg: LLMScaleConfig) -> List[str]:
+    train = cfg.train
+    errors = []
     if train.spike_factor is not None and train.spike_factor <= 1:
         errors.append(
             f"train.spike_factor={train.spike_factor} would call ordinary losses spikes: use a "
@@ -56,6 +89,13 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             "train.on_anomaly=rollback needs checkpoints to roll back to, but checkpoint.interval=0 "
             "saves none during the run: set checkpoint.interval, or train.on_anomaly=skip"
         )
+    return errors
+
+
+def _model_rules(cfg: LLMScaleConfig) -> List[str]:
+    """The model's shapes, and how they split over tensor- and pipeline-parallel ranks."""
+    model, par, data = cfg.model, cfg.parallel, cfg.data
+    errors = []
     kv_heads = model.num_kv_heads or model.num_heads
     if model.hidden_size % model.num_heads:
         errors.append(
@@ -82,8 +122,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             "model.vocab_size=null to pad the tokenizer's vocabulary to a multiple of "
             "model.vocab_multiple and tp, or round it up yourself"
         )
-    sequence_parallel = par.sequence_parallel and par.tp > 1
-    if sequence_parallel and data.seq_len % par.tp:
+    if par.sequence_parallel and par.tp > 1 and data.seq_len % par.tp:
         errors.append(
             f"parallel.sequence_parallel=true splits data.seq_len={data.seq_len} over parallel.tp="
             f"{par.tp} ranks: make data.seq_len a multiple of {par.tp}, or turn it off"
@@ -94,13 +133,17 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"the first and the last of parallel.pp={par.pp} stages: set parallel.pp=1, or "
             "model.tie_embeddings=false"
         )
-    errors.extend(_expert_rules(cfg))
-    errors.extend(_fast_path_rules(cfg))
     if model.num_layers % par.pp:
         errors.append(
             f"parallel.pp={par.pp} does not divide model.num_layers={model.num_layers}: use "
             f"parallel.pp in {_divisors(model.num_layers)} or change model.num_layers"
         )
+    return errors
+
+
+def _data_rules(cfg: LLMScaleConfig) -> List[str]:
+    model, data = cfg.model, cfg.data
+    errors = []
     if data.seq_len > model.max_seq_len:
         errors.append(
             f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}: "
@@ -116,6 +159,12 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
                       "datasets to train on")
     if not 0.0 < data.val_fraction < 1.0:
         errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
+    return errors
+
+
+def _optim_rules(cfg: LLMScaleConfig) -> List[str]:
+    optim = cfg.optim
+    errors = []
     if optim.min_lr > optim.lr:
         errors.append(f"optim.min_lr={optim.min_lr} exceeds optim.lr={optim.lr}: lower optim.min_lr")
     if optim.warmup_steps < 0:
@@ -126,7 +175,14 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         errors.append(
             f"optim.clip_grad={optim.clip_grad} must not be negative (0 turns clipping off)"
         )
+    return errors
 
+
+def _layout_rules(cfg: LLMScaleConfig, world_size: int) -> Tuple[Optional[int], List[str]]:
+    """The data-parallel size, derived from the world size where parallel.dp is unset (None
+    where tp x pp does not fit the world), and the layout's errors."""
+    par = cfg.parallel
+    errors = []
     model_parallel = par.tp * par.pp
     dp = par.dp
     if world_size % model_parallel:
@@ -143,7 +199,12 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"{dp * model_parallel} but the job has {world_size} ranks: set parallel.dp="
             f"{world_size // model_parallel} or leave it null to derive it"
         )
+    return dp, errors
 
+
+def _zero_rules(cfg: LLMScaleConfig) -> List[str]:
+    par = cfg.parallel
+    errors = []
     if par.zero_stage not in (0, 1, 2, 3):
         errors.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     elif par.zero_stage >= 2 and par.pp > 1:
@@ -151,7 +212,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             f"parallel.zero_stage={par.zero_stage} cannot shard gradients across pipeline stages "
             f"(parallel.pp={par.pp}): use parallel.zero_stage=1 with pipeline parallelism"
         )
-    elif par.zero_stage == 0 and par.pp > 1 and optim.clip_grad > 0:
+    elif par.zero_stage == 0 and par.pp > 1 and cfg.optim.clip_grad > 0:
         errors.append(
             f"parallel.zero_stage=0 with parallel.pp={par.pp} would clip gradients by the wrong "
             "norm (DeepSpeed's stage-0 clipping counts the first pipeline stage's weights only): "
@@ -161,7 +222,14 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         errors.append("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
     if par.offload_params and par.zero_stage != 3:
         errors.append("parallel.offload_params=true needs parallel.zero_stage=3")
+    return errors
 
+
+def _batch_rules(cfg: LLMScaleConfig, dp: Optional[int]) -> Tuple[Optional[int], List[str]]:
+    """The gradient accumulation steps, derived where unset, and the batch arithmetic's errors
+    (the expert split over data-parallel ranks among them)."""
+    par, train = cfg.parallel, cfg.train
+    errors = []
     accum = train.grad_accum_steps
     if par.pp_microbatches is not None:
         if accum is not None and accum != par.pp_microbatches:
@@ -194,24 +262,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
                 f"{per_step * accum}: set train.grad_accum_steps=null to derive it{derived}, or "
                 "make the product match"
             )
-    if errors:
-        raise ConfigError(_report(errors))
-    return ParallelPlan(
-        world_size=world_size,
-        dp=dp,
-        tp=par.tp,
-        pp=par.pp,
-        zero_stage=par.zero_stage,
-        micro_batch_size=train.micro_batch_size,
-        grad_accum_steps=accum,
-        global_batch_size=train.global_batch_size,
-        ep=par.ep,
-        sequence_parallel=sequence_parallel,
-        activation_checkpointing=par.activation_checkpointing,
-        compile=_resolve(train.compile, _compile_applies(cfg)),
-        fused_loss=_resolve(train.fused_loss, par.tp == 1),
-        fused_optimizer=_resolve(optim.fused, True),
-    )
+    return accum, errors
 
 
 def on_cuda() -> bool:
