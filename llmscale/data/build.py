@@ -6,7 +6,7 @@ from typing import Tuple
 
 from torch.utils.data import Dataset
 
-from llmscale.config.load import ConfigError
+from llmscale.config.load import REPO_ROOT, ConfigError
 from llmscale.config.schema import LLMScaleConfig, ModelConfig
 from llmscale.data import (
     PackedDataset,
@@ -31,6 +31,14 @@ def resolve_vocab_size(model: ModelConfig, tokenizer_vocab_size: int, tp: int = 
             f"{tokenizer_vocab_size} tokens: raise it or set model.vocab_size=null to derive it"
         )
     return model.vocab_size
+
+
+def fill_in_vocab_size(cfg: LLMScaleConfig) -> None:
+    """Set model.vocab_size from the tokenizer when the config leaves it to it, as a run would
+    (for reports that build no datasets: the dry run, tools/plan.py)."""
+    if cfg.model.vocab_size is None:
+        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
+        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab, cfg.parallel.tp)
 
 
 def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, Tokenizer]:

@@ -3,28 +3,19 @@
 import json
 import os
 
-from llmscale.config.load import REPO_ROOT
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.config.validate import validate
-from llmscale.data import build_tokenizer
-from llmscale.data.build import resolve_vocab_size
+from llmscale.data.build import fill_in_vocab_size
 from llmscale.models import count_parameters, flops_per_token
 from llmscale.parallel.deepspeed_config import build_deepspeed_config
 from llmscale.parallel.memory_plan import estimate
-
-
-def resolve_vocab(cfg: LLMScaleConfig) -> None:
-    """Fill in model.vocab_size from the tokenizer when the config leaves it to it."""
-    if cfg.model.vocab_size is None:
-        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
-        cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab, cfg.parallel.tp)
 
 
 def describe_dry_run(cfg: LLMScaleConfig) -> str:
     model_parallel = cfg.parallel.tp * cfg.parallel.pp
     world_size = int(os.environ.get("WORLD_SIZE", (cfg.parallel.dp or 1) * model_parallel))
     plan = validate(cfg, world_size)
-    resolve_vocab(cfg)
+    fill_in_vocab_size(cfg)
     parameters = count_parameters(cfg.model)
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len

@@ -14,17 +14,12 @@
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-# Run as a script from a checkout, the repo root is not on sys.path unless llmscale is installed.
-if importlib.util.find_spec("llmscale") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,29 +16,27 @@ for bf16).
 """
 
 import argparse
-import importlib.util
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
-if importlib.util.find_spec("llmscale") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llmscale.bench.plans import benchmark, plan_runs  # noqa: E402
-from llmscale.bench.report import (  # noqa: E402
+from llmscale.bench.plans import benchmark, plan_runs
+from llmscale.bench.report import (
     format_table,
     plot_tokens_per_s,
     write_csv,
     write_json,
 )
-from llmscale.config.load import ConfigError  # noqa: E402
+from llmscale.config.load import ConfigError
 
 
-def main(argv) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plans", nargs="+", required=True, metavar="PLAN",
                         help="e.g. zero1 dp2-zero3 'parallel.zero_stage=2 parallel.dp=2'")
@@ -98,4 +96,4 @@ def _load(averages) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -13,30 +13,21 @@ arguments, resumes where it stopped. The report is printed and saved as <output>
 """
 
 import argparse
-import importlib.util
 import sys
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
-# Run as a script from a checkout, the repo root is not on sys.path unless llmscale is installed.
-if importlib.util.find_spec("llmscale") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# megatron-core's import notes that its fused GPU kernels are missing; preprocessing uses none.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-from llmscale.data.tokenizer import SENTENCEPIECE_MODEL_TYPES  # noqa: E402
-from llmscale.prep.cleaning import UNICODE_FORMS, CleaningConfig  # noqa: E402
-from llmscale.prep.dedup import DedupConfig  # noqa: E402
-from llmscale.prep.prepare import PrepareConfig  # noqa: E402
-from llmscale.prep.preprocess import (  # noqa: E402
+from llmscale.data.tokenizer import SENTENCEPIECE_MODEL_TYPES
+from llmscale.prep.cleaning import UNICODE_FORMS, CleaningConfig
+from llmscale.prep.dedup import DedupConfig
+from llmscale.prep.prepare import PrepareConfig
+from llmscale.prep.preprocess import (
     PreprocessConfig,
     TokenizerTrainingConfig,
     run_preprocess,
 )
-from llmscale.prep.quality import LANGUAGES, QualityConfig  # noqa: E402
-from llmscale.prep.sources import TEXT_DOCUMENT_UNITS, ReadConfig  # noqa: E402
+from llmscale.prep.quality import LANGUAGES, QualityConfig
+from llmscale.prep.sources import TEXT_DOCUMENT_UNITS, ReadConfig
 
 DEFAULT_DATASET = "corpus"
 

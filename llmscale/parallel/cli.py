@@ -11,19 +11,16 @@ small models on CPU (tools/measure_memory.py), not of GPU runs.
 """
 
 import argparse
-import importlib.util
 import sys
 from dataclasses import replace
-from pathlib import Path
+from typing import List, Optional
 
-if importlib.util.find_spec("llmscale") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llmscale.config import load_config, validate  # noqa: E402
-from llmscale.config.load import ConfigError  # noqa: E402
-from llmscale.config.schema import ActivationCheckpointing  # noqa: E402
-from llmscale.models import count_parameters  # noqa: E402
-from llmscale.parallel.memory_plan import (  # noqa: E402
+from llmscale.config import load_config, validate
+from llmscale.config.load import ConfigError
+from llmscale.config.schema import ActivationCheckpointing
+from llmscale.data.build import fill_in_vocab_size
+from llmscale.models import count_parameters
+from llmscale.parallel.memory_plan import (
     MARGIN,
     GiB,
     RECOMPUTE_ORDER,
@@ -31,13 +28,12 @@ from llmscale.parallel.memory_plan import (  # noqa: E402
     estimate,
     fitting_plans,
 )
-from llmscale.train.dry_run import resolve_vocab  # noqa: E402
 
 TOP_PLANS = 10
 COLUMNS = ("parameters", "gradients", "optimizer", "activations", "temporaries", "total")
 
 
-def main(argv) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) in the job")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per device")
@@ -55,7 +51,7 @@ def main(argv) -> int:
     try:
         cfg = load_config(overrides)
         plan = validate(cfg, args.world_size)
-        resolve_vocab(cfg)
+        fill_in_vocab_size(cfg)
     except ConfigError as error:
         print(f"plan: error: {error}", file=sys.stderr)
         return 2
@@ -105,4 +101,4 @@ def _row(memory: MemoryEstimate) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
