@@ -74,7 +74,7 @@ COLUMNS = ["model", "seq_len", "micro_batch_size", "tokens_per_s", "bare_tokens_
 def llmscale_step(engine, batches, device: torch.device) -> float:
     """The body of `pretrain`'s loop, minus the metric sinks."""
     engine.get_lr()
-    loss, _ = train_step(engine, batches, device, judge=lambda loss: None)
+    loss, _ = train_step(engine, batches, device, check_loss=lambda loss: None)
     float(engine.get_global_grad_norm() or 0.0)
     return loss
 
@@ -122,27 +122,27 @@ def profile_steps(runs: Dict, path: Path, steps: int = 3) -> None:
     path.write_text("\n\n".join(tables) + "\n")
 
 
-def compare(cfg: LLMScaleConfig, ctx: DistributedContext, warmup: int, steps: int,
+def compare(cfg: LLMScaleConfig, process: DistributedContext, warmup: int, steps: int,
             profile_to: Optional[Path] = None) -> Dict:
     """The two loops, interleaved; their figures. With `profile_to`, a profile of each after."""
-    plan = validate(cfg, ctx.world_size)
-    data = load_training_batches(cfg, plan, ctx.rank)
+    plan = validate(cfg, process.world_size)
+    data = load_training_batches(cfg, plan, process.rank)
     seed_everything(cfg.train.seed)
     model = Llama(cfg.model)
-    bare = BareLoop(parallelize(copy.deepcopy(model), plan), cfg, plan, ctx.device)
+    bare = BareLoop(parallelize(copy.deepcopy(model), plan), cfg, plan, process.device)
     engine = build_engine(parallelize(model, plan), cfg, plan)
-    timers = {"llmscale": StepTimer(ctx.device), "bare": StepTimer(ctx.device)}
+    timers = {"llmscale": StepTimer(process.device), "bare": StepTimer(process.device)}
     losses: Dict[str, List[float]] = {"llmscale": [], "bare": []}
     for step in range(warmup + steps):
         batches = data.for_step(step)
-        runs = {"llmscale": (llmscale_step, engine, batches, ctx.device),
+        runs = {"llmscale": (llmscale_step, engine, batches, process.device),
                 "bare": (bare.step, batches)}
         for name in (["llmscale", "bare"] if step % 2 else ["bare", "llmscale"]):
             losses[name].append(timers[name].run(*runs[name], keep=step >= warmup))
-    resident = torch.cuda.memory_allocated() / 2**30 if ctx.device.type == "cuda" else None
+    resident = torch.cuda.memory_allocated() / 2**30 if process.device.type == "cuda" else None
     if profile_to:
         batches = data.for_step(warmup + steps)
-        profile_steps({"llmscale": (llmscale_step, engine, batches, ctx.device),
+        profile_steps({"llmscale": (llmscale_step, engine, batches, process.device),
                        "bare": (bare.step, batches)}, profile_to)
     ratios = [a / b for a, b in zip(timers["llmscale"].seconds, timers["bare"].seconds)]
     diffs = [abs(a - b) for a, b in zip(losses["llmscale"], losses["bare"])]
@@ -176,7 +176,7 @@ def run_pretrain(cfg: LLMScaleConfig, warmup: int) -> Dict[str, Optional[float]]
             "pretrain_losses": [r["loss"] for r in records]}
 
 
-def measure(base: LLMScaleConfig, ctx: DistributedContext, micro_batch_size: Optional[int],
+def measure(base: LLMScaleConfig, process: DistributedContext, micro_batch_size: Optional[int],
             warmup: int, steps: int, pretrain_check: bool,
             profile_to: Optional[Path] = None) -> Dict:
     cfg = copy.deepcopy(base)
@@ -184,11 +184,11 @@ def measure(base: LLMScaleConfig, ctx: DistributedContext, micro_batch_size: Opt
         cfg.train.micro_batch_size = micro_batch_size
     cfg.train.global_batch_size, cfg.train.grad_accum_steps = cfg.train.micro_batch_size, None
     cfg.train.max_steps, cfg.train.exit_at_step = warmup + steps, None  # both loops' LR schedule
-    result = compare(cfg, ctx, warmup, steps, profile_to)
+    result = compare(cfg, process, warmup, steps, profile_to)
     timers = result.pop("timers")
     tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), 1,
-                            peak_tflops(ctx.device))
+                            peak_tflops(process.device))
     ours = meter.measure(tokens_per_step, statistics.median(timers["llmscale"].seconds))
     bare = meter.measure(tokens_per_step, statistics.median(timers["bare"].seconds))
     row = {"model": cfg.model.name, "seq_len": cfg.data.seq_len,
@@ -260,8 +260,8 @@ def main(argv) -> None:
                         help="then profile 3 steps of each loop: DIR/profile_micro<N>.txt")
     args, overrides = parser.parse_known_args(argv)
     base = load_config(overrides)
-    ctx = init_distributed()  # sets the CPU thread count both loops then share
-    device_name = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
+    process = init_distributed()  # sets the CPU thread count both loops then share
+    device_name = (torch.cuda.get_device_name(process.device) if process.device.type == "cuda"
                    else f"CPU, {torch.get_num_threads()} threads")
     print(f"device: {device_name}; torch {torch.__version__}; {args.warmup} warm-up + "
           f"{args.steps} timed steps per loop")
@@ -271,7 +271,7 @@ def main(argv) -> None:
                       if args.profile and args.output else None)
         if profile_to:
             args.output.mkdir(parents=True, exist_ok=True)
-        rows.append(measure(base, ctx, micro, args.warmup, args.steps, args.pretrain_check,
+        rows.append(measure(base, process, micro, args.warmup, args.steps, args.pretrain_check,
                             profile_to))
         print_row(rows[-1])
     if args.output:

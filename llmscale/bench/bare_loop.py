@@ -99,13 +99,13 @@ def train_bare(cfg: LLMScaleConfig) -> Path:
             "with `python -m llmscale.bench.bare_loop` or `torchrun --nproc_per_node 1`"
         )
     plan = validate(cfg, 1)
-    ctx = init_distributed()  # the trainer's device choice and CPU thread count
-    batches = load_training_batches(cfg, plan, ctx.rank)
+    process = init_distributed()  # the trainer's device choice and CPU thread count
+    batches = load_training_batches(cfg, plan, process.rank)
     seed_everything(cfg.train.seed)
-    loop = BareLoop(parallelize(Llama(cfg.model), plan), cfg, plan, ctx.device)
+    loop = BareLoop(parallelize(Llama(cfg.model), plan), cfg, plan, process.device)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), 1,
-                            peak_tflops(ctx.device))
+                            peak_tflops(process.device))
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sink = JsonlSink(run_dir / "metrics.jsonl")
@@ -115,7 +115,7 @@ def train_bare(cfg: LLMScaleConfig) -> Path:
         loss = loop.step(step_batches)
         seconds = time.perf_counter() - start
         sink.log(step + 1, {"loss": loss, **meter.measure(tokens_per_step, seconds),
-                            **peak_memory_metrics(ctx.device)})
+                            **peak_memory_metrics(process.device)})
     sink.close()
     return run_dir / "metrics.jsonl"
 

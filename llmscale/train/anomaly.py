@@ -2,8 +2,8 @@
 one (`train.on_anomaly`): the step's update is withheld, then the run skips on, rolls back to the
 newest checkpoint, or stops.
 
-Every rank judges the same all-reduced loss against the same history, so all ranks reach the
-same verdict without another collective."""
+Every rank checks the same all-reduced loss against the same history, so all ranks reach the
+same decision without another collective."""
 
 import math
 import statistics
@@ -27,7 +27,7 @@ class Anomaly:
     step: int
     kind: str  # "nan", "inf" or "spike"
     action: AnomalyPolicy
-    # What the loss was judged against, and why the action differs from the policy, if it does.
+    # What the loss was checked against, and why the action differs from the policy, if it does.
     explanation: str
     # The checkpoint a rollback loads; for a stop, the one a relaunch resumes from.
     checkpoint: Optional[Path]
@@ -50,7 +50,7 @@ class Anomaly:
 
 
 class LossGuard:
-    """Judges each step's loss before its update and keeps the history a spike is measured
+    """Checks each step's loss before its update and keeps the history a spike is measured
     against: the losses of the last `spike_window` steps that were not anomalies."""
 
     def __init__(self, cfg: TrainConfig):
@@ -63,7 +63,7 @@ class LossGuard:
 
     def check(self, step: int, loss: float, newest_checkpoint: Optional[Path]) -> Optional[Anomaly]:
         """None for a sound loss; otherwise the anomaly and the action the run takes."""
-        kind, explanation = self._judge(loss)
+        kind, explanation = self._anomaly_kind(loss)
         if kind is None:
             self.recent.append(loss)
             return None
@@ -84,8 +84,8 @@ class LossGuard:
     def checkpoint_saved(self) -> None:
         self.since_checkpoint = 0
 
-    def _judge(self, loss: float) -> Tuple[Optional[str], str]:
-        """The anomaly's kind (None for a sound loss) and what the loss was judged against."""
+    def _anomaly_kind(self, loss: float) -> Tuple[Optional[str], str]:
+        """The anomaly's kind (None for a sound loss) and what the loss was checked against."""
         if math.isnan(loss):
             return "nan", "the loss is nan"
         if math.isinf(loss):

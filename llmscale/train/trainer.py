@@ -75,32 +75,32 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         # communication and computation in issue order (Megatron's launch scripts set it too);
         # read when CUDA starts, so before the process group.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    ctx = init_distributed(cfg.train.collective_timeout_s)
+    process = init_distributed(cfg.train.collective_timeout_s)
     dp_rank = init_model_parallel(plan)
     train_set, val_set, tokenizer = build_datasets(cfg, REPO_ROOT)
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size, plan.tp)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
-    resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
+    resume_source = prepare_resume(resume_from, plan, process.rank) if resume_from else None
     seed_everything(cfg.train.seed)
     model = _build_model(cfg, init_from)
     engine = build_engine(parallelize(model, plan), cfg, plan)
     config_yaml = to_yaml(cfg)
-    checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
+    checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
     guard = LossGuard(cfg.train)
-    stop_file = StopFile(cfg.train.stop_file, ctx.is_main, ctx.device)
+    stop_file = StopFile(cfg.train.stop_file, process.is_main, process.device)
     rollback_source = resume_source
-    if ctx.rank == ctx.world_size - 1:  # a fault on one rank, that every rank must answer
+    if process.rank == process.world_size - 1:  # a fault on one rank, that every rank must answer
         inject_loss_faults(model, cfg.train, plan.global_batch_size, lambda: state.consumed_samples)
 
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     meter = ThroughputMeter(
-        flops_per_token(cfg.model, cfg.data.seq_len), ctx.world_size, peak_tflops(ctx.device)
+        flops_per_token(cfg.model, cfg.data.seq_len), process.world_size, peak_tflops(process.device)
     )
     sinks = []
-    if ctx.is_main:
+    if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
         sinks = build_sinks(
@@ -117,7 +117,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         for sink in sinks:
             sink.log(state.step, metrics)
 
-    first_val = evaluate(engine, val_batches, ctx.device) if state.step == 0 else None
+    first_val = evaluate(engine, val_batches, process.device) if state.step == 0 else None
     if first_val:
         log(first_val)
     last_val = first_val
@@ -131,7 +131,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         lr = engine.get_lr()[0]
         start = time.perf_counter()
-        loss, anomaly = train_step(engine, batches, ctx.device, lambda loss: guard.check(
+        loss, anomaly = train_step(engine, batches, process.device, lambda loss: guard.check(
             state.step + 1, loss, rollback_source.step_dir if rollback_source else None))
         seconds = time.perf_counter() - start
 
@@ -140,12 +140,12 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         state.consumed_tokens += tokens_per_step
         log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
              "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds),
-             **peak_memory_metrics(ctx.device), **router_metrics(model),
+             **peak_memory_metrics(process.device), **router_metrics(model),
              **(anomaly.record() if anomaly else {})})
         if anomaly:
             if anomaly.action is AnomalyPolicy.stop:
                 raise TrainingStopped(anomaly.describe())
-            if ctx.is_main:
+            if process.is_main:
                 print(f"llmscale: {anomaly.describe()}")
             if anomaly.action is AnomalyPolicy.rollback:
                 state = roll_back(engine, checkpointer, rollback_source, state, cfg.data.seq_len)
@@ -154,7 +154,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         finished = state.step == last_step
         stopping = stop_file.requested()
         if state.step % cfg.train.eval_interval == 0 or finished:
-            last_val = evaluate(engine, val_batches, ctx.device)
+            last_val = evaluate(engine, val_batches, process.device)
             log(last_val)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
             finished and cfg.checkpoint.save_final
@@ -163,7 +163,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             rollback_source = ResumeSource(last_checkpoint, universal=False)
             guard.checkpoint_saved()
         if stopping:
-            if ctx.is_main:
+            if process.is_main:
                 print(f"llmscale: {stop_file.path} appeared: saved step {state.step} and stopped; "
                       "the same command resumes from there")
             break
@@ -178,7 +178,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         last_checkpoint=last_checkpoint,
         anomalies=guard.anomalies,
     )
-    if ctx.is_main:
+    if process.is_main:
         _print_summary(summary, cfg)
     dist.barrier()
     return summary

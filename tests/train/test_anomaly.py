@@ -1,4 +1,4 @@
-"""How a step's loss is judged, what each verdict makes the run do, and the pieces that carry it
+"""How a step's loss is checked, what each outcome makes the run do, and the pieces that carry it
 out without DeepSpeed: the withheld update on a torch optimizer and LR schedule, the injected
 faults, the metrics sinks and the config rules. Whole runs: test_anomaly_runs.py."""
 
