@@ -13,7 +13,7 @@ share_e is the fraction of tokens whose first choice is e (k <= 2), or the fract
 routes that go to e (k > 2).
 """
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -78,21 +78,3 @@ class MoEFeedForward(MoE):
         output, self.aux_loss, tokens_per_expert = super().forward(x)
         self.tokens_per_expert = tokens_per_expert.detach()
         return output
-
-
-def router_metrics(model: nn.Module) -> Dict[str, float]:
-    """Router health over the MoE layers' last forward (this rank's tokens); empty for a dense
-    model. `moe_expert_load_max` is the busiest expert's share relative to a perfectly even
-    one (1.0), worst layer."""
-    layers = [m for m in model.modules()
-              if isinstance(m, MoEFeedForward) and m.aux_loss is not None]
-    if not layers:
-        return {}
-    routes = sum(float(m.tokens_per_expert.sum()) for m in layers)
-    dropped = sum(float(m.dropped_tokens) for m in layers)
-    load = [float(m.tokens_per_expert.max() / m.tokens_per_expert.float().mean()) for m in layers]
-    return {
-        "moe_aux_loss": sum(float(m.aux_loss.detach()) for m in layers) / len(layers),
-        "moe_dropped_fraction": dropped / routes,
-        "moe_expert_load_max": max(load),
-    }

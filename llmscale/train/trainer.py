@@ -29,7 +29,6 @@ from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
-from llmscale.models.moe import router_metrics
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine
 from llmscale.parallel.parallelize import parallelize
@@ -38,9 +37,9 @@ from llmscale.train.anomaly import (
     Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
 )
 from llmscale.train.fault_injection import inject_loss_faults
-from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import Metrics, build_sinks
 from llmscale.train.step import train_step
+from llmscale.train.step_metrics import FinishedStep, collect, step_collectors
 from llmscale.train.stop_file import StopFile
 from llmscale.train.throughput import ThroughputMeter, peak_tflops
 
@@ -99,6 +98,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     meter = ThroughputMeter(
         flops_per_token(cfg.model, cfg.data.seq_len), process.world_size, peak_tflops(process.device)
     )
+    collectors = step_collectors(engine, model, meter, process.device)
     sinks = []
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +138,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         state.step += 1
         state.consumed_samples += plan.global_batch_size
         state.consumed_tokens += tokens_per_step
-        log({"loss": loss, "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-             "consumed_tokens": state.consumed_tokens, **meter.measure(tokens_per_step, seconds),
-             **peak_memory_metrics(process.device), **router_metrics(model),
-             **(anomaly.record() if anomaly else {})})
+        log(collect(collectors, FinishedStep(loss, lr, seconds, tokens_per_step,
+                                             state.consumed_tokens, anomaly)))
         if anomaly:
             if anomaly.action is AnomalyPolicy.stop:
                 raise TrainingStopped(anomaly.describe())

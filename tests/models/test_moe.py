@@ -11,7 +11,8 @@ from single_rank import one_rank_process_group
 from torch import nn
 
 from llmscale.config.schema import ModelConfig
-from llmscale.models.moe import MoEFeedForward, router_metrics
+from llmscale.models.moe import MoEFeedForward
+from llmscale.train.step_metrics import router_metrics
 
 CFG = ModelConfig(hidden_size=16, intermediate_size=24, num_experts=4, moe_top_k=2)
 SEQ, BATCH = 6, 3
