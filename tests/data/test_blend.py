@@ -2,7 +2,6 @@
 
 import json
 import re
-import runpy
 import shlex
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from llmscale.data import (
     rank_micro_batches,
 )
 from llmscale.data.blend import build_blended_datasets
+from llmscale.prep.cli import build_config, build_parser
 from llmscale.prep.preprocess import run_preprocess
 from llmscale.prep.tokenize_stage import TokenizeTask, token_dtype, tokenize_part
 
@@ -265,10 +265,9 @@ def test_the_example_blend_config_prepares_and_builds_as_its_comment_says(tmp_pa
         command.append(line.lstrip("# ").rstrip("\\ "))
         if not line.rstrip().endswith("\\"):
             break
-    cli = runpy.run_path(str(REPO_ROOT / "tools" / "preprocess_data.py"))
-    args = cli["build_parser"]().parse_args(shlex.split(" ".join(command))[2:])
+    args = build_parser().parse_args(shlex.split(" ".join(command))[2:])
     args.output = tmp_path / "prepared" / "example"
-    run_preprocess(cli["build_config"](args), REPO_ROOT, log=lambda line: None)
+    run_preprocess(build_config(args), REPO_ROOT, log=lambda line: None)
 
     data = load_config(["data=blend_example"]).data
     data.blend = [BlendSource(str(tmp_path / s.path), s.weight) for s in data.blend]
