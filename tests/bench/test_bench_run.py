@@ -59,3 +59,23 @@ def test_the_bare_loop_trains_as_the_trainer_does(tmp_path):
     assert sorted(bare) == sorted(trainer) == [1, 2, 3, 4, 5]
     for step, loss in trainer.items():
         assert bare[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_single_device_benchmark_runs_both_loops_on_the_same_work(tmp_path):
+    """tools/bench_overhead.py: per micro-batch size, the engine and the bare loop from the same
+    weights on the same batches give the same losses, and the figures follow from the timings."""
+    subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_overhead.py"), "+exp=tiny",
+                    "parallel.zero_stage=0", "train.fused_loss=true", "optim.fused=true",
+                    "--micro-batch-sizes", "4", "8", "--steps", "2", "--warmup", "1",
+                    "--no-pretrain-check", "--output", str(tmp_path)],
+                   cwd=REPO_ROOT, env=clean_env(), check=True, capture_output=True, timeout=600)
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert [row["micro_batch_size"] for row in report["rows"]] == [4, 8]
+    for row in report["rows"]:
+        assert "fused loss, fused AdamW" in row["plan"]
+        assert len(row["losses"]["llmscale"]) == len(row["losses"]["bare"]) == 3
+        assert row["max_loss_diff"] < 1e-5
+        assert row["tflops"] / row["bare_tflops"] == pytest.approx(
+            row["tokens_per_s"] / row["bare_tokens_per_s"])
+    with (tmp_path / "overhead.csv").open() as file:
+        assert len(list(csv.DictReader(file))) == 2

@@ -1,0 +1,105 @@
+"""Write a chat dataset: token ids and a parallel loss mask, both Megatron indexed datasets
+(`<name>.bin/.idx` and `<name>_loss_mask.bin/.idx`) with the same document index, one document
+per example ending in the end-of-document id (not trained on). Lines that are not usable
+examples are skipped and counted; an example with nothing to train on stops the run, naming it.
+"""
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from llmscale.data.blend import DATASET_METADATA
+from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
+from llmscale.prep.chat import (
+    BadExample, ChatTemplate, UnsupervisedExample, parse_example, tokenize_conversation,
+)
+from llmscale.prep.tokenize_stage import token_dtype
+
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+@dataclass
+class ChatReport:
+    lines: int = 0
+    examples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    skipped: Dict[str, int] = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
+        return (f"{self.lines} lines: {self.examples} examples written, {self.tokens:,} tokens "
+                f"({self.supervised_tokens:,} trained on); skipped: {skipped or 'none'}")
+
+
+def loss_mask_prefix(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + LOSS_MASK_SUFFIX)
+
+
+def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
+                       template: ChatTemplate, train_on_prompt: bool = False,
+                       warn=print) -> ChatReport:
+    """`output/chat.bin/.idx`, `output/chat_loss_mask.bin/.idx`, `dataset.json` and
+    `report.json`. Written under temporary names and renamed when complete."""
+    output.mkdir(parents=True, exist_ok=True)
+    prefix = output / "chat"
+    temporary = output / "chat.tmp"
+    tokens = IndexedDatasetBuilder(f"{temporary}.bin", dtype=token_dtype(tokenizer.vocab_size))
+    masks = IndexedDatasetBuilder(f"{loss_mask_prefix(temporary)}.bin", dtype=np.uint8)
+    report = ChatReport()
+    for path in inputs:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                report.lines += 1
+                try:
+                    ids, mask = tokenize_conversation(parse_example(line), template, tokenizer,
+                                                      train_on_prompt)
+                except BadExample as bad:
+                    report.skipped[bad.reason] += 1
+                    if report.skipped[bad.reason] <= 3:
+                        warn(f"warning: {path}:{number}: skipped, {bad}")
+                    continue
+                except UnsupervisedExample as error:
+                    raise UnsupervisedExample(f"{path}:{number}: {error}") from None
+                ids.append(tokenizer.eod_id)
+                mask.append(0)
+                tokens.add_document(ids, [len(ids)])
+                masks.add_document(mask, [len(mask)])
+                report.examples += 1
+                report.tokens += len(ids)
+                report.supervised_tokens += sum(mask)
+    if report.examples == 0:
+        raise ValueError(f"no usable example in {[str(p) for p in inputs]}: {report.describe()}")
+    tokens.finalize(f"{temporary}.idx")
+    masks.finalize(f"{loss_mask_prefix(temporary)}.idx")
+    for source, target in ((temporary, prefix), (loss_mask_prefix(temporary),
+                                                  loss_mask_prefix(prefix))):
+        for suffix in (".bin", ".idx"):
+            os.replace(f"{source}{suffix}", f"{target}{suffix}")
+    (output / DATASET_METADATA).write_text(json.dumps(
+        {"tokenizer": tokenizer_identity(tokenizer), "chat_template": template.origin,
+         "train_on_prompt": train_on_prompt, "documents": report.examples,
+         "tokens": report.tokens}, indent=2) + "\n")
+    (output / "report.json").write_text(json.dumps(
+        {**report.__dict__, "skipped": dict(report.skipped)}, indent=2) + "\n")
+    return report
+
+
+def read_example(prefix: Path, index: int, tokenizer: Optional[Tokenizer] = None):
+    """Example `index`'s ids and mask (and, given the tokenizer, its trained-on text)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens, masks = IndexedDataset(str(prefix)), IndexedDataset(str(loss_mask_prefix(prefix)))
+    # Copied out while the datasets live: the arrays are views of their memory maps.
+    ids, mask = tokens[index].copy(), masks[index].copy()
+    if tokenizer is None:
+        return ids, mask
+    return ids, mask, tokenizer.decode([i for i, m in zip(ids.tolist(), mask.tolist()) if m])
