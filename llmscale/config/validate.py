@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from llmscale.config.adapter_rules import adapter_rules
 from llmscale.config.load import ConfigError
 from llmscale.config.schema import ActivationCheckpointing, AnomalyPolicy, LLMScaleConfig
 
@@ -131,6 +132,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
             "model.tie_embeddings=false"
         )
     errors.extend(_expert_rules(cfg))
+    errors.extend(adapter_rules(cfg))
     errors.extend(_fast_path_rules(cfg))
     if model.num_layers % par.pp:
         errors.append(

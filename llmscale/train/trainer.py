@@ -84,7 +84,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     resume_source = prepare_resume(resume_from, plan, ctx.rank) if resume_from else None
     seed_everything(cfg.train.seed)
     model = _build_model(cfg, init_from)
-    engine = build_engine(parallelize(model, plan), cfg, plan)
+    engine = build_engine(parallelize(model, plan, cfg.adapter), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, ctx.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
