@@ -95,3 +95,11 @@ def merge_adapters(state_dict: Dict[str, torch.Tensor],
 def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The adapters alone, under the names PEFT saves them with."""
     return {PEFT_PREFIX + name: tensor for name, tensor in state_dict.items() if is_adapter(name)}
+
+
+def describe_trainable(model: nn.Module) -> str:
+    wrapped = sum(isinstance(module, LoRALinear) for module in model.modules())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"LoRA on {wrapped} projections: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.2f}%)")

@@ -16,12 +16,13 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from omegaconf import OmegaConf
 
+from llmscale.adapters.lora import describe_trainable
 from llmscale.checkpoint.checkpointer import (
     Checkpointer, ResumeSource, prepare_resume, resolve_resume,
 )
 from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
-from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import ParallelPlan, validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.eval.validation import evaluate
@@ -108,6 +109,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
+        if cfg.adapter.kind is AdapterKind.lora:
+            print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
             print(f"llmscale: {resume_from} is already at train.max_steps={cfg.train.max_steps}; "
                   "raise train.max_steps to train on, or set a new train.run_dir to start afresh")

@@ -4,7 +4,9 @@ same initial values under any layout, merging, and PEFT's names."""
 import pytest
 import torch
 
-from llmscale.adapters.lora import LoRALinear, apply_lora, merge_adapters, peft_names
+from llmscale.adapters.lora import (
+    LoRALinear, apply_lora, describe_trainable, merge_adapters, peft_names,
+)
 from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig
 from llmscale.config.validate import ParallelPlan
 from llmscale.models import Llama
@@ -40,6 +42,8 @@ def test_only_adapters_train_and_the_base_keeps_its_names():
     # 7 projections x 2 layers x (A, B)
     assert len(trainable) == 28
     assert "model.layers.1.mlp.down_proj.lora_A.weight" in trainable
+    # rank 4 x (in + out) per projection: (128 + 96 + 96 + 128 + 160 + 160 + 160) x 4 x 2 layers
+    assert describe_trainable(model).startswith("LoRA on 14 projections: 7,424 of ")
     model(IDS, labels=IDS).backward()
     assert all(p.grad is None for name, p in model.named_parameters() if name in frozen)
     assert all(p.grad is not None for name, p in model.named_parameters() if name in trainable)
