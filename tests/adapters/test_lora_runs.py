@@ -98,3 +98,14 @@ def test_adapter_export_of_a_run_without_adapters_is_refused(tmp_path):
     (step_dir / "config.yaml").write_text("adapter: {kind: none}\n")
     with pytest.raises(ValueError, match="trained without adapters"):
         adapter_config_of(step_dir)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_the_uninterrupted_run(lora_run, tmp_path):
+    launch("python", tmp_path, *COMMON, "train.exit_at_step=2")
+    assert sorted(metrics(tmp_path, "loss")) == [1, 2]
+    stdout = launch("python", tmp_path, *COMMON)
+    assert "resuming from" in stdout and "step_00000002" in stdout
+    resumed, expected = metrics(tmp_path, "loss"), metrics(lora_run, "loss")
+    for step in range(3, STEPS + 1):
+        assert resumed[step] == expected[step], step
