@@ -1,5 +1,6 @@
 """Start real training runs in subprocesses, the way a user does, and read what they logged."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -89,3 +90,11 @@ def metrics(run_dir: Path, key: str, skip_lines: int = 0) -> Dict[int, float]:
 def metric_lines(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def load_tool(name: str = "convert_checkpoint"):
+    """A script of tools/ as a module, to call its `main` in the test process."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool

@@ -1,7 +1,11 @@
 """Convert weights between llmscale checkpoints, Hugging Face folders and GGUF files.
 
     python tools/convert_checkpoint.py to-hf runs/tiny hf/tiny
-        the newest complete checkpoint of a run (or one step_N folder) -> an HF Llama folder
+        the newest complete checkpoint of a run (or one step_N folder) -> an HF Llama folder;
+        of a LoRA run, its frozen base, or with --merge the base with the adapters folded in
+    python tools/convert_checkpoint.py to-peft runs/tiny_lora peft/tiny_lora
+        a LoRA run's adapters -> a PEFT folder (adapter_config.json + adapter_model.safetensors)
+        that peft.PeftModel.from_pretrained loads onto the to-hf export of its base
     python tools/convert_checkpoint.py from-hf hf/SmolLM2-135M weights/smollm2
         an HF Llama folder -> an llmscale weights folder (model.safetensors + model.yaml) to
         start a run from
@@ -41,6 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="split model.safetensors into shards of at most this many GB")
     to_hf.add_argument("--tokenizer-file", type=Path, action="append", default=[],
                        help="a tokenizer file to copy into the folder (repeatable)")
+    to_hf.add_argument("--merge", action="store_true",
+                       help="a LoRA run: fold the adapters into the weights (W + alpha/r * B A)")
+    to_peft = commands.add_parser("to-peft", help="a LoRA run's adapters -> PEFT folder")
+    to_peft.add_argument("source", type=Path,
+                         help="a run folder, its checkpoints folder or a step folder")
+    to_peft.add_argument("out_dir", type=Path)
+    to_peft.add_argument("--dtype", choices=DTYPES, default="float32",
+                         help="dtype of the saved adapter tensors")
+    to_peft.add_argument("--base-model", default=None,
+                         help="recorded as base_model_name_or_path (the base's HF folder or id)")
     from_hf = commands.add_parser("from-hf", help="Hugging Face folder -> llmscale weights folder")
     from_hf.add_argument("hf_dir", type=Path)
     from_hf.add_argument("out_dir", type=Path)
@@ -81,17 +95,38 @@ def resolve_checkpoint(source: Path) -> Path:
 def to_hf(args: argparse.Namespace) -> str:
     from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
     from llmscale.checkpoint.hf import export_hf
+    from llmscale.checkpoint.peft_export import merged, without_adapters
 
     step_dir = resolve_checkpoint(args.source)
     model_cfg = model_config_of(step_dir)
     start = time.perf_counter()
     state_dict = consolidated_state_dict(step_dir)
+    base = without_adapters(state_dict)
+    note = ""
+    if args.merge:
+        state_dict = merged(state_dict, step_dir)
+        note = "; adapters merged"
+    elif len(base) < len(state_dict):
+        state_dict = base
+        note = "; the frozen base only (adapters: to-peft, or to-hf --merge)"
     consolidated = time.perf_counter()
     export_hf(state_dict, model_cfg, args.out_dir, tokenizer_files=args.tokenizer_file,
               max_shard_bytes=int(args.max_shard_gb * 10**9), dtype=DTYPES[args.dtype])
     exported = time.perf_counter()
     return (f"{step_dir} -> {args.out_dir} (consolidated in {consolidated - start:.1f} s, "
-            f"written in {exported - consolidated:.1f} s)")
+            f"written in {exported - consolidated:.1f} s){note}")
+
+
+def to_peft(args: argparse.Namespace) -> str:
+    from llmscale.checkpoint.consolidate import consolidated_state_dict
+    from llmscale.checkpoint.peft_export import adapter_config_of, export_peft
+
+    step_dir = resolve_checkpoint(args.source)
+    adapter_cfg = adapter_config_of(step_dir)
+    export_peft(consolidated_state_dict(step_dir), adapter_cfg, args.out_dir,
+                base_model=args.base_model, dtype=DTYPES[args.dtype])
+    return (f"{step_dir} -> {args.out_dir} (LoRA rank {adapter_cfg.rank}, alpha "
+            f"{adapter_cfg.alpha:g}, on {', '.join(adapter_cfg.target_modules)})")
 
 
 def from_hf(args: argparse.Namespace) -> str:
@@ -118,7 +153,7 @@ def gguf_in_package(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = {"to-hf": to_hf, "from-hf": from_hf, "from-gguf": from_gguf,
+    command = {"to-hf": to_hf, "to-peft": to_peft, "from-hf": from_hf, "from-gguf": from_gguf,
                "gguf-in-package": gguf_in_package}[args.command]
     try:
         print(command(args))

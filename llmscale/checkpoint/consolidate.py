@@ -53,17 +53,24 @@ def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
 
 def model_config_of(step_dir: Path) -> ModelConfig:
     """The model settings the checkpoint was trained with, from the config.yaml saved beside it."""
+    return saved_settings(step_dir, "model", ModelConfig)
+
+
+def saved_settings(step_dir: Path, section: str, schema: type, required: bool = True):
+    """One section of the config.yaml saved beside a checkpoint, as its schema's dataclass; an
+    optional section the file lacks (saved before the setting existed) gives the defaults."""
     path = Path(step_dir) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: cannot tell which model {step_dir} holds")
+        raise FileNotFoundError(f"{path} is missing: cannot tell what {step_dir} holds")
     saved = OmegaConf.load(path)
-    if "model" not in saved:
-        raise ValueError(f"{path} has no model section")
+    if section not in saved and required:
+        raise ValueError(f"{path} has no {section} section")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model))
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(schema), saved.get(section, {})))
     except OmegaConfBaseException as error:
-        raise ValueError(f"{path}: its model section does not fit llmscale's schema: {error}"
-                         ) from None
+        raise ValueError(f"{path}: its {section} section does not fit llmscale's schema: "
+                         f"{error}") from None
 
 
 def _saved_plan(step_dir: Path) -> dict:
@@ -92,7 +99,15 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
 def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:
     # zero_to_fp32 prints progress lines meant for its own command-line script.
     with weights_only_loads(step_dir), contextlib.redirect_stdout(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent),
+                                                           tag=step_dir.name)
+        # Frozen parameters (a LoRA run's base) have no optimizer partition, and ZeRO-1, unlike
+        # ZeRO-2, does not list them for zero_to_fp32: unchanged by training, the module's own
+        # copy of them is exact.
+        module = torch.load(step_dir / ZERO0_MODEL_FILE, map_location="cpu", mmap=True)["module"]
+    for name, tensor in module.items():
+        weights.setdefault(name, tensor)
+    return weights
 
 
 def _from_zero0_model_states(path: Path) -> Dict[str, torch.Tensor]:

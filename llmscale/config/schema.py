@@ -38,6 +38,13 @@ class ActivationCheckpointing(str, Enum):
     selective = "selective"
 
 
+class AdapterKind(str, Enum):
+    # Train every weight.
+    none = "none"
+    # Freeze the base; train low-rank adapters on the target projections (Hu et al. 2021).
+    lora = "lora"
+
+
 class LRDecay(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -144,6 +151,23 @@ class OptimConfig:
     fused: Optional[bool] = None
 
 
+# The projections of a Llama layer, by their Hugging Face names.
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    kind: AdapterKind = AdapterKind.none
+    # LoRA: each target projection W becomes W + (alpha / rank) * B A, with A [rank, in] and
+    # B [out, rank] trained and W frozen.
+    rank: int = 8
+    alpha: float = 16.0
+    # Dropout on the adapters' input only (PEFT's lora_dropout).
+    dropout: float = 0.0
+    # Hugging Face module names, as PEFT's target_modules.
+    target_modules: List[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 100
@@ -243,6 +267,7 @@ class LLMScaleConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscale.adapters.lora import is_adapter, lora_initial_value
 from llmscale.config.schema import ModelConfig
 from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
 from llmscale.models.mlp import MLP
@@ -203,12 +204,14 @@ class Llama(nn.Module):
         draws the same values for it as one process does for the whole model."""
         if name.endswith("norm.weight"):
             return torch.ones(shape)
+        generator = torch.Generator().manual_seed(self.init_seed + zlib.crc32(name.encode()))
+        if is_adapter(name):
+            return lora_initial_value(name, shape, generator)
         std = self.cfg.init_std
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             # Residual-branch outputs shrink with depth so the residual stream's variance stays
             # roughly constant at init (GPT-2 / Megatron).
             std /= math.sqrt(2 * self.cfg.num_layers)
-        generator = torch.Generator().manual_seed(self.init_seed + zlib.crc32(name.encode()))
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

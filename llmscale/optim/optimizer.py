@@ -21,6 +21,9 @@ def build_optimizer(model: torch.nn.Module, cfg: LLMScaleConfig,
         {"name": "decay", "params": decay, "weight_decay": cfg.optim.weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
+    # ZeRO drops an empty group (LoRA trains no 1-D parameter), which the LR scheduler, built
+    # on this optimizer, would then miss.
+    groups = [group for group in groups if group["params"]]
     if cfg.model.num_experts:
         # Expert weights get groups of their own: DeepSpeed reduces their gradients over the
         # ranks holding the same experts, not the whole data-parallel group.

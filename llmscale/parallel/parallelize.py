@@ -1,13 +1,15 @@
-"""The plan applied to a built model: tensor/sequence or expert parallelism, the fused loss,
-activation checkpointing, compilation, then the cut into pipeline stages. Data parallelism and
-ZeRO are DeepSpeed's engine's part."""
+"""The plan applied to a built model: adapters, tensor/sequence or expert parallelism, the fused
+loss, activation checkpointing, compilation, then the cut into pipeline stages. Data
+parallelism and ZeRO are DeepSpeed's engine's part."""
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 
+from llmscale.adapters.lora import apply_lora
 from llmscale.config.plan import ParallelPlan
+from llmscale.config.schema import AdapterConfig
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.compile import apply_compile
@@ -18,12 +20,15 @@ from llmscale.parallel.tensor_parallel import (
 )
 
 
-def parallelize(model: Llama, plan: ParallelPlan) -> nn.Module:
+def parallelize(model: Llama, plan: ParallelPlan,
+                adapter: Optional[AdapterConfig] = None) -> nn.Module:
     """`model` holds the same full weights on every rank (the same seed, or the same loaded
     weights), or, built on the meta device, only their shapes: then each rank allocates and
     draws the values of its own share alone (`model.initial_value`), one parameter at a time,
     and no rank ever holds the whole model. The result holds this rank's share. Needs
     `init_model_parallel`."""
+    if adapter is not None:  # validate() keeps LoRA to plans without tensor or pipeline splits
+        apply_lora(model, adapter)
     if plan.tp > 1:
         apply_tensor_parallel(model, plan.sequence_parallel)
     if plan.ep > 1:

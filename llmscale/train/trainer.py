@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from omegaconf import OmegaConf
 
+from llmscale.adapters.lora import describe_trainable
 from llmscale.checkpoint.checkpointer import (
     Checkpointer, ResumeSource, prepare_resume, resolve_resume,
 )
@@ -23,7 +24,7 @@ from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.data.build import build_datasets, resolve_vocab_size
@@ -84,7 +85,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     resume_source = prepare_resume(resume_from, plan, process.rank) if resume_from else None
     seed_everything(cfg.train.seed)
     model = _build_model(cfg, init_from)
-    engine = build_engine(parallelize(model, plan), cfg, plan)
+    engine = build_engine(parallelize(model, plan, cfg.adapter), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
@@ -109,6 +110,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
+        if cfg.adapter.kind is AdapterKind.lora:
+            print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
             print(f"llmscale: {resume_from} is already at train.max_steps={cfg.train.max_steps}; "
                   "raise train.max_steps to train on, or set a new train.run_dir to start afresh")

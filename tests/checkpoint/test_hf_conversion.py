@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO_ROOT, clean_env, launch
+from launching import REPO_ROOT, clean_env, launch, load_tool
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
@@ -50,13 +50,6 @@ def logits_of(model, vocab_size: int) -> torch.Tensor:
 def run_tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO_ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=300)
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
 
 
 def step_dir_of(run_dir: Path) -> Path:

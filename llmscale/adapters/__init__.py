@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning: adapters applied to a built model from outside."""

@@ -1,0 +1,105 @@
+"""LoRA (Hu et al. 2021) applied to a built `Llama` from outside, as parallelism is.
+
+Each target projection `W x` becomes `W x + (alpha / rank) * B A dropout(x)`, with `W` frozen
+and `A` [rank, in], `B` [out, rank] trained. The wrapper keeps the frozen weight under its own
+name (`...q_proj.weight`) and adds `...q_proj.lora_A.weight` and `...q_proj.lora_B.weight`:
+checkpoints, HF exports and the name-seeded initialisation of the base see the names they know,
+and the adapters' names are PEFT's once prefixed with `base_model.model.`.
+"""
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmscale.config.schema import AdapterConfig, AdapterKind
+
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+# What PEFT puts before a module's name in `adapter_model.safetensors`.
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """A bias-free `nn.Linear` whose frozen weight gains a trained low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear wraps bias-free linear layers (Llama's projections)")
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith((LORA_A, LORA_B))
+
+
+def lora_initial_value(name: str, shape: Sequence[int],
+                       generator: torch.Generator) -> torch.Tensor:
+    """B starts at zero, so the adapted model computes what the base does; A as PEFT draws it
+    (kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in)))."""
+    if name.endswith(LORA_B):
+        return torch.zeros(shape)
+    bound = 1.0 / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
+    """Freeze every weight of `model` (a `Llama`) and wrap its target projections. On the meta
+    device the adapters stay shapes for `parallelize` to fill; otherwise they get their initial
+    values here, from `model.initial_value`, the same under any layout."""
+    if cfg.kind is not AdapterKind.lora:
+        return
+    model.requires_grad_(False)
+    targets = set(cfg.target_modules)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        parent_name, _, attribute = name.rpartition(".")
+        if attribute in targets and type(module) is nn.Linear:
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attribute, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout))
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"adapter.target_modules={list(cfg.target_modules)} matched no plain "
+                         "linear layer of the model")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_adapter(name) and not param.is_meta:
+                param.copy_(model.initial_value(name, param.shape))
+
+
+def merge_adapters(state_dict: Dict[str, torch.Tensor],
+                   cfg: AdapterConfig) -> Dict[str, torch.Tensor]:
+    """The base weights with every adapter folded in (W + alpha/rank * B A), adapters dropped."""
+    scaling = cfg.alpha / cfg.rank
+    merged = {name: tensor for name, tensor in state_dict.items() if not is_adapter(name)}
+    for name in state_dict:
+        if name.endswith(LORA_A):
+            module = name[: -len(LORA_A)]
+            down, up = state_dict[name], state_dict[module + LORA_B]
+            base = merged[module + "weight"]
+            merged[module + "weight"] = base + scaling * (up.to(base.dtype) @ down.to(base.dtype))
+    return merged
+
+
+def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The adapters alone, under the names PEFT saves them with."""
+    return {PEFT_PREFIX + name: tensor for name, tensor in state_dict.items() if is_adapter(name)}
+
+
+def describe_trainable(model: nn.Module) -> str:
+    wrapped = sum(isinstance(module, LoRALinear) for module in model.modules())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"LoRA on {wrapped} projections: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.2f}%)")

@@ -1,0 +1,111 @@
+"""LoRA runs through the real launcher: only the adapters learn, 2 ranks learn what 1 process
+does, and the adapters open in transformers + PEFT (and merged) with llmscale's logits."""
+
+import pytest
+import torch
+from launching import launch, load_tool, metrics
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from llmscale.adapters.lora import apply_lora, is_adapter
+from llmscale.checkpoint.checkpointer import find_latest_checkpoint
+from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
+from llmscale.checkpoint.peft_export import adapter_config_of, without_adapters
+from llmscale.models import Llama
+
+STEPS = 4
+COMMON = ["adapter=lora", "adapter.dropout=0", f"train.max_steps={STEPS}", "optim.lr=1e-2",
+          "optim.warmup_steps=1", "checkpoint.interval=0", "train.eval_batches=1"]
+SEED = 42  # train.seed of the tiny experiment: the run's initial weights follow from it
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """1 process, ZeRO-1 (the default), accumulating the global batch of 16 in 2 micro-batches."""
+    run_dir = tmp_path_factory.mktemp("lora")
+    launch("python", run_dir, *COMMON)
+    return run_dir
+
+
+def saved_weights(run_dir):
+    step_dir = find_latest_checkpoint(run_dir / "checkpoints")
+    return step_dir, consolidated_state_dict(step_dir)
+
+
+def test_only_the_adapters_learn(lora_run):
+    losses = metrics(lora_run, "loss")
+    assert losses[STEPS] < losses[1] - 0.1, losses
+    step_dir, saved = saved_weights(lora_run)
+    torch.manual_seed(SEED)
+    initial = Llama(model_config_of(step_dir)).state_dict()
+    base = without_adapters(saved)
+    assert base.keys() == initial.keys()
+    for name, tensor in initial.items():
+        assert torch.equal(base[name], tensor), name
+    trained_b = [tensor for name, tensor in saved.items() if name.endswith("lora_B.weight")]
+    assert len(trained_b) == 14 and all(tensor.abs().max() > 0 for tensor in trained_b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_two_ranks_match_one_process(zero_stage, lora_run, tmp_path):
+    launch("torchrun", tmp_path, *COMMON, f"parallel.zero_stage={zero_stage}")
+    losses, reference = metrics(tmp_path, "loss"), metrics(lora_run, "loss")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, expected in reference.items():
+        assert abs(losses[step] - expected) / abs(expected) < 1e-5, (step, losses[step], expected)
+    (_, saved), (_, expected) = saved_weights(tmp_path), saved_weights(lora_run)
+    assert saved.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if is_adapter(name):
+            assert (saved[name] - tensor).abs().max() < 1e-5, name
+        else:  # the frozen base: the module copy (ZeRO 0-1) or ZeRO-2's frozen fragments
+            assert torch.equal(saved[name], tensor), name
+
+
+def logits(model, vocab_size: int) -> torch.Tensor:
+    input_ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        output = model(input_ids)
+    return getattr(output, "logits", output)
+
+
+def test_peft_and_merged_exports_give_llmscale_logits(lora_run, tmp_path, capsys):
+    tool = load_tool()
+    assert tool.main(["to-hf", str(lora_run), str(tmp_path / "base")]) == 0
+    assert "the frozen base only" in capsys.readouterr().out
+    assert tool.main(["to-peft", str(lora_run), str(tmp_path / "peft")]) == 0
+    assert tool.main(["to-hf", "--merge", str(lora_run), str(tmp_path / "merged")]) == 0
+
+    step_dir, saved = saved_weights(lora_run)
+    ours = Llama(model_config_of(step_dir)).eval()
+    apply_lora(ours, adapter_config_of(step_dir))
+    ours.load_state_dict(saved, strict=True)
+    vocab = ours.cfg.vocab_size
+    expected = logits(ours, vocab)
+
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert (logits(base, vocab) - expected).abs().max() > 1e-3  # the adapters matter
+    adapted = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert (logits(adapted, vocab) - expected).abs().max() < 1e-4
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, vocab) - expected).abs().max() < 1e-4
+
+
+def test_adapter_export_of_a_run_without_adapters_is_refused(tmp_path):
+    step_dir = tmp_path / "step_00000001"
+    step_dir.mkdir()
+    (step_dir / "config.yaml").write_text("adapter: {kind: none}\n")
+    with pytest.raises(ValueError, match="trained without adapters"):
+        adapter_config_of(step_dir)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_the_uninterrupted_run(lora_run, tmp_path):
+    launch("python", tmp_path, *COMMON, "train.exit_at_step=2")
+    assert sorted(metrics(tmp_path, "loss")) == [1, 2]
+    stdout = launch("python", tmp_path, *COMMON)
+    assert "resuming from" in stdout and "step_00000002" in stdout
+    resumed, expected = metrics(tmp_path, "loss"), metrics(lora_run, "loss")
+    for step in range(3, STEPS + 1):
+        assert resumed[step] == expected[step], step
