@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from llmscale.bench.measured_memory import AllocationTrace
-from llmscale.models import Llama
 from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
-from test_llama import TINY, random_batch
-
-
-def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
+from model_twins import assert_same_step, relative_error, shifted_batch, twin_models
+from test_llama import TINY
 
 
 def _inputs(tokens=50, hidden=32, vocab=96):
@@ -40,7 +36,7 @@ def test_loss_and_gradients_equal_the_plain_path(chunk_tokens):
 
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     for ours, reference in zip(fused_grads, plain_grads):
-        assert _relative_error(ours, reference) < 1e-6
+        assert relative_error(ours, reference) < 1e-6
     # Ignored tokens get no gradient at all.
     assert torch.all(fused_grads[0][labels == IGNORE_INDEX] == 0)
 
@@ -48,23 +44,10 @@ def test_loss_and_gradients_equal_the_plain_path(chunk_tokens):
 @pytest.mark.parametrize("tied", [False, True])
 def test_model_trains_the_same_with_the_fused_loss(tied):
     cfg = replace(TINY, tie_embeddings=tied)
-    torch.manual_seed(0)
-    plain = Llama(cfg)
-    fused = Llama(cfg)
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = twin_models(cfg)
     fused.use_fused_loss()
     fused.fused_loss.chunk_tokens = 10  # several chunks of the 2 x 16 tokens
-    inputs = random_batch(cfg)
-    labels = torch.roll(inputs, -1, dims=1)
-    labels[:, -1] = IGNORE_INDEX
-
-    plain_loss, fused_loss = plain(inputs, labels), fused(inputs, labels)
-    plain_loss.backward()
-    fused_loss.backward()
-    assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
-    fused_params = dict(fused.named_parameters())
-    for name, param in plain.named_parameters():
-        assert _relative_error(fused_params[name].grad, param.grad) < 1e-6, name
+    assert_same_step(plain, fused, *shifted_batch(cfg), tolerance=1e-6)
 
 
 def test_bf16_autocast_matches_the_plain_path_to_bf16_precision():
@@ -79,7 +62,7 @@ def test_bf16_autocast_matches_the_plain_path_to_bf16_precision():
     assert fused.item() == pytest.approx(plain.item(), rel=1e-2)
     for ours, reference in zip(fused_grads, plain_grads):
         assert ours.dtype == reference.dtype == torch.float32
-        assert _relative_error(ours, reference) < 2e-2
+        assert relative_error(ours, reference) < 2e-2
 
 
 def test_never_holds_the_whole_logits():
