@@ -103,8 +103,11 @@ def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:
                                                            tag=step_dir.name)
         # Frozen parameters (a LoRA run's base) have no optimizer partition, and ZeRO-1, unlike
         # ZeRO-2, does not list them for zero_to_fp32: unchanged by training, the module's own
-        # copy of them is exact.
-        module = torch.load(step_dir / ZERO0_MODEL_FILE, map_location="cpu", mmap=True)["module"]
+        # copy of them is exact. (ZeRO 1-2 save that copy whole; ZeRO-3, which LoRA runs do not
+        # use, keeps only empty placeholders, in per-rank files.)
+        module_file = step_dir / ZERO0_MODEL_FILE
+        module = (torch.load(module_file, map_location="cpu", mmap=True)["module"]
+                  if module_file.is_file() else {})
     for name, tensor in module.items():
         weights.setdefault(name, tensor)
     return weights
