@@ -144,3 +144,12 @@ def test_tool_refuses_an_example_with_nothing_to_train_on_naming_it(tmp_path):
     assert f"{data}:1: the chat template ({template}) renders no assistant token" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "chat.idx").exists()
+
+
+def test_the_bundled_example_prepares_as_the_readme_shows(tmp_path):
+    result = _run_tool("--input", str(REPO_ROOT / "data" / "chat" / "example.jsonl"),
+                       "--tokenizer", "byte", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["lines"], report["examples"], report["skipped"]) == (5, 5, {})
+    assert 0 < report["supervised_tokens"] < report["tokens"]
