@@ -5,21 +5,20 @@ examples are skipped and counted; an example with nothing to train on stops the 
 """
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from llmscale.data.blend import DATASET_METADATA
 from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
 from llmscale.prep.chat import (
     BadExample, ChatTemplate, UnsupervisedExample, parse_example, tokenize_conversation,
 )
-from llmscale.prep.tokenize_stage import token_dtype
+from llmscale.prep.tokenize_stage import publish, token_dtype
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 
@@ -80,10 +79,8 @@ def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
         raise ValueError(f"no usable example in {[str(p) for p in inputs]}: {report.describe()}")
     tokens.finalize(f"{temporary}.idx")
     masks.finalize(f"{loss_mask_prefix(temporary)}.idx")
-    for source, target in ((temporary, prefix), (loss_mask_prefix(temporary),
-                                                  loss_mask_prefix(prefix))):
-        for suffix in (".bin", ".idx"):
-            os.replace(f"{source}{suffix}", f"{target}{suffix}")
+    publish(temporary, prefix)
+    publish(loss_mask_prefix(temporary), loss_mask_prefix(prefix))
     (output / DATASET_METADATA).write_text(json.dumps(
         {"tokenizer": tokenizer_identity(tokenizer), "chat_template": template.origin,
          "train_on_prompt": train_on_prompt, "documents": report.examples,
@@ -95,8 +92,6 @@ def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
 
 def read_example(prefix: Path, index: int, tokenizer: Optional[Tokenizer] = None):
     """Example `index`'s ids and mask (and, given the tokenizer, its trained-on text)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     tokens, masks = IndexedDataset(str(prefix)), IndexedDataset(str(loss_mask_prefix(prefix)))
     # Copied out while the datasets live: the arrays are views of their memory maps.
     ids, mask = tokens[index].copy(), masks[index].copy()

@@ -78,8 +78,7 @@ def tokenize_part(task: TokenizeTask) -> TokenizedPart:
             documents += 1
             tokens += len(ids)
     builder.finalize(str(_with_suffix(temporary, ".idx")))
-    for suffix in (".bin", ".idx"):
-        os.replace(_with_suffix(temporary, suffix), _with_suffix(task.prefix, suffix))
+    publish(temporary, task.prefix)
     return TokenizedPart(task.prefix, documents, tokens, True)
 
 
@@ -104,6 +103,13 @@ def _text_batches(part: Path) -> Iterator[list[str]]:
                 batch, size = [], 0
     if batch:
         yield batch
+
+
+def publish(temporary: Path, prefix: Path) -> None:
+    """Rename a finished dataset's files from `temporary` to `prefix`, `.idx` last: an `.idx`
+    under the final name means a complete dataset."""
+    for suffix in (".bin", ".idx"):
+        os.replace(_with_suffix(temporary, suffix), _with_suffix(prefix, suffix))
 
 
 def _with_suffix(prefix: Path, suffix: str) -> Path:
