@@ -53,6 +53,7 @@ if importlib.util.find_spec("llmscale") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmscale.bench.bare_loop import BareLoop, load_training_batches  # noqa: E402
+from llmscale.bench.plans import step_figures  # noqa: E402
 from llmscale.config.load import load_config  # noqa: E402
 from llmscale.config.schema import LLMScaleConfig  # noqa: E402
 from llmscale.config.validate import validate  # noqa: E402
@@ -166,13 +167,9 @@ def run_pretrain(cfg: LLMScaleConfig, warmup: int) -> Dict[str, Optional[float]]
         lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if "tokens_per_s" in r][warmup:]
 
-    def median(key: str) -> Optional[float]:
-        values = [r[key] for r in records if key in r]
-        return statistics.median(values) if values else None
-
-    memory = [r["peak_memory_gib"] for r in records if "peak_memory_gib" in r]
-    return {"pretrain_tokens_per_s": median("tokens_per_s"), "pretrain_mfu": median("mfu"),
-            "pretrain_peak_memory_gib": max(memory, default=None),
+    figures = step_figures(records)
+    return {"pretrain_tokens_per_s": figures["tokens_per_s"], "pretrain_mfu": figures["mfu"],
+            "pretrain_peak_memory_gib": figures["peak_memory_gib"],
             "pretrain_losses": [r["loss"] for r in records]}
 
 

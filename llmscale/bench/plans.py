@@ -217,13 +217,20 @@ def _measure(run: Run, run_dir: Path, warmup: int) -> Measurement | str:
     if not records:
         return f"no step after the {warmup} warm-up steps in {run_dir / 'metrics.jsonl'}"
 
+    return Measurement(**step_figures(records), rss_gib_per_rank=rss)
+
+
+def step_figures(records: List[dict]) -> Dict[str, Optional[float]]:
+    """The medians of the figures a run logged for its steps (None: never logged), and the
+    largest peak memory."""
     def median(key: str) -> Optional[float]:
         values = [record[key] for record in records if key in record]
         return statistics.median(values) if values else None
 
     memory = [record["peak_memory_gib"] for record in records if "peak_memory_gib" in record]
-    return Measurement(median("tokens_per_s"), median("tflops_per_device"), median("mfu"),
-                       max(memory, default=None), rss)
+    return {"tokens_per_s": median("tokens_per_s"),
+            "tflops_per_device": median("tflops_per_device"), "mfu": median("mfu"),
+            "peak_memory_gib": max(memory, default=None)}
 
 
 def _environment(world_size: int) -> Dict[str, str]:
