@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m "slow and not matrix"
+	$(BIN)/python -m pytest -q -m "slow and not matrix" --durations=25
 
 test-matrix: setup
 	$(BIN)/python -m pytest -q tests/checkpoint/test_recovery_matrix.py
