@@ -5,11 +5,15 @@ import math
 
 import pytest
 import torch
+from megatron.core import parallel_state
+from single_rank import one_rank_process_group
 
 from llmscale.config.schema import DPOConfig, DPOLoss
 from llmscale.models.llama import token_cross_entropy
 from llmscale.objectives.preference import preference_loss
 from llmscale.objectives.sequence_logps import response_lengths, sequence_logps
+from llmscale.parallel.megatron_cpu import allow_megatron_layers_on_cpu
+from llmscale.parallel.tensor_parallel import vocab_parallel_token_losses
 
 # Three pairs of summed response log-probs: policy and reference, chosen and rejected.
 POLICY_CHOSEN = [-12.0, -30.5, -7.25]
@@ -133,3 +137,18 @@ def test_sequence_logps_sum_the_log_probs_of_the_response_labels():
     # A prompt position with an infinite loss is dropped, not turned into NaN.
     infinite = token_cross_entropy(logits, labels).masked_fill(~mask, math.inf)
     torch.testing.assert_close(sequence_logps(infinite, mask), torch.tensor(expected))
+
+
+def test_the_vocabulary_parallel_losses_give_the_same_sequence_logps():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 2, 16, generator=generator)
+    labels = torch.randint(0, 16, (5, 2), generator=generator)
+    mask = torch.tensor([[0, 0], [1, 0], [1, 1], [1, 1], [0, 1]])
+    expected = sequence_logps(token_cross_entropy(logits, labels), mask)
+    with one_rank_process_group():
+        allow_megatron_layers_on_cpu()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+        # A copy: Megatron's cross-entropy overwrites fp32 logits in place (it keeps their
+        # exponentials for the backward pass).
+        sharded = sequence_logps(vocab_parallel_token_losses(logits.clone(), labels), mask)
+    torch.testing.assert_close(sharded, expected)
