@@ -17,7 +17,7 @@ LAYERS = [
     ("llmscale", "config"),
     ("adapters",),
     ("models", "data"),
-    ("optim", "prep"),
+    ("optim", "prep", "objectives"),
     ("parallel",),
     ("checkpoint", "eval"),
     ("train",),

@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="map unseen characters to <unk> instead of their UTF-8 bytes",
     )
     parser.add_argument(
+        "--special-tokens",
+        nargs="*",
+        default=[],
+        help="extra single pieces, e.g. '<mask>' for masked-LM training",
+    )
+    parser.add_argument(
         "--output", type=Path, required=True, help="output prefix, e.g. tokenizers/shakespeare"
     )
     return parser.parse_args(argv)
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             model_type=args.model_type,
             character_coverage=args.character_coverage,
             byte_fallback=not args.no_byte_fallback,
+            special_tokens=args.special_tokens,
         )
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")

@@ -45,6 +45,28 @@ class AdapterKind(str, Enum):
     lora = "lora"
 
 
+class Objective(str, Enum):
+    # Next-token prediction (pretraining, supervised fine-tuning).
+    causal = "causal"
+    # Preference optimisation on chosen/rejected pairs (the `dpo` settings).
+    dpo = "dpo"
+    # Masked-token prediction with a bidirectional encoder (BERT).
+    mlm = "mlm"
+
+
+class DPOLoss(str, Enum):
+    # -log sigmoid(beta * margin), margin = the policy's log-ratio of chosen over rejected minus
+    # the reference's (Rafailov et al. 2023).
+    sigmoid = "sigmoid"
+    # (margin - 1 / (2 beta))^2 (Azar et al. 2023).
+    ipo = "ipo"
+    # max(0, 1 - beta * margin) (SLiC, Zhao et al. 2023).
+    hinge = "hinge"
+    # -log sigmoid(beta * (length-averaged log-prob of chosen - of rejected) - gamma), no
+    # reference model (Meng et al. 2024).
+    simpo = "simpo"
+
+
 class LRDecay(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -169,6 +191,19 @@ class AdapterConfig:
 
 
 @dataclass
+class DPOConfig:
+    loss: DPOLoss = DPOLoss.sigmoid
+    # How far the policy may move from the reference: larger keeps it closer (TRL's beta;
+    # 0.1 for DPO, about 2 for SimPO).
+    beta: float = 0.1
+    # The share of pairs assumed to be labelled the wrong way round (conservative DPO, TRL's
+    # label_smoothing); sigmoid and simpo only.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (TRL's simpo_gamma).
+    simpo_gamma: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     # End this launch after this step, with a checkpoint, leaving the schedule (set by
@@ -268,6 +303,9 @@ class LLMScaleConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # What the model is trained to do; only `causal` is trained by this build so far.
+    objective: Objective = Objective.causal
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -2,6 +2,7 @@
 existing Hugging Face `tokenizer.json` files."""
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ TRAIN_HINT = (
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
 # End-of-text tokens of common tokenizer.json files, tried in order when none is named.
 HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+# The masked-LM mask token: the piece SentencePiece training adds (`--special-tokens '<mask>'`),
+# and with BERT's spelling the one a tokenizer.json may define.
+MASK_TOKEN = "<mask>"
+HF_MASK_CANDIDATES = (MASK_TOKEN, "[MASK]")
 # SentencePiece's refusal when the characters to cover (and the special and byte pieces) need
 # more pieces than the vocabulary has: "... required_chars. 4000 vs 5129. ...".
 _TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
@@ -38,10 +43,15 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 plus one end-of-document id; works on any text with no training."""
+    """UTF-8 bytes as ids 0..255 plus one end-of-document id; works on any text with no training.
+    `with_mask` reserves one more id, 257, as the masked-LM mask token (which no text encodes
+    to, so ids prepared without it mean the same)."""
 
-    vocab_size: int = 257
     eod_id: int = 256
+
+    def __init__(self, with_mask: bool = False) -> None:
+        self.vocab_size: int = 258 if with_mask else 257
+        self.mask_id: int | None = 257 if with_mask else None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -75,6 +85,8 @@ class SentencePieceTokenizer:
         self.path = path
         self.vocab_size: int = self._processor.get_piece_size()
         self.eod_id: int = eos_id
+        mask_id = self._processor.piece_to_id(MASK_TOKEN)
+        self.mask_id: int | None = None if mask_id == self._processor.unk_id() else mask_id
 
     def encode(self, text: str) -> list[int]:
         return self._processor.encode(text)
@@ -112,6 +124,20 @@ class HuggingFaceTokenizer:
         self.path = path
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod_id: int = ids[0]
+        self.mask_id: int | None = self._mask_id(path)
+
+    def _mask_id(self, path: Path) -> int | None:
+        """The `mask_token` of the `tokenizer_config.json` beside, else the first of
+        HF_MASK_CANDIDATES the vocabulary holds."""
+        config = path.parent / "tokenizer_config.json"
+        named = json.loads(config.read_text()).get("mask_token") if config.is_file() else None
+        if isinstance(named, dict):
+            named = named.get("content")
+        for token in (named,) if named else HF_MASK_CANDIDATES:
+            token_id = self._tokenizer.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return None
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -127,6 +153,23 @@ class HuggingFaceTokenizer:
     def pieces(self) -> list[str]:
         by_id = {i: token for token, i in self._tokenizer.get_vocab(with_added_tokens=True).items()}
         return [by_id.get(i, "") for i in range(self.vocab_size)]
+
+
+def mask_token_id(tokenizer: Tokenizer) -> int:
+    """The id of the tokenizer's masked-LM mask token, or an error saying how to get one."""
+    mask_id = getattr(tokenizer, "mask_id", None)
+    if mask_id is not None:
+        return mask_id
+    if isinstance(tokenizer, ByteTokenizer):
+        how = "open the byte tokenizer with ByteTokenizer(with_mask=True), which reserves id 257"
+    elif isinstance(tokenizer, SentencePieceTokenizer):
+        how = (f"{tokenizer.path} has no {MASK_TOKEN!r} piece: train one with it, "
+               f"`python tools/train_tokenizer.py ... --special-tokens '{MASK_TOKEN}'`")
+    else:
+        how = (f"{getattr(tokenizer, 'path', 'it')} defines none of {list(HF_MASK_CANDIDATES)} "
+               "and no `mask_token` in the tokenizer_config.json beside it: add one as a "
+               "special token")
+    raise ValueError(f"the tokenizer has no mask token: {how}.")
 
 
 def open_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
@@ -180,6 +223,7 @@ def train_sentencepiece(
     model_type: str = "bpe",
     character_coverage: float | None = None,
     byte_fallback: bool = True,
+    special_tokens: Sequence[str] = (),
 ) -> Path:
     """Train a SentencePiece model on the lines of `inputs`; returns `<output_prefix>.model`.
 
@@ -202,6 +246,7 @@ def train_sentencepiece(
         model_type=model_type,
         character_coverage=character_coverage,
         byte_fallback=byte_fallback,
+        special_tokens=special_tokens,
         source=f"tokenizer training inputs {names}",
     )
 

@@ -106,27 +106,35 @@ def parse_example(line: str) -> List[Dict[str, str]]:
                     {"role": "assistant", "content": record["response"]}]
     else:
         raise BadExample("no_conversation", "has neither `messages` nor `prompt` and `response`")
+    messages = checked_messages(messages, "messages")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise BadExample("no_assistant", "no assistant message")
+    return messages
+
+
+def checked_messages(messages: Any, name: str) -> List[Dict[str, str]]:
+    """`messages` (the field `name` of a line) as role/content dicts, or `BadExample`."""
     if not isinstance(messages, list) or not messages:
-        raise BadExample("no_conversation", "`messages` is not a non-empty list")
+        raise BadExample("no_conversation", f"`{name}` is not a non-empty list")
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadExample("bad_role", f"a message without a role among {list(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise BadExample("bad_content", "a message whose content is not a string")
-    if not any(message["role"] == "assistant" for message in messages):
-        raise BadExample("no_assistant", "no assistant message")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def tokenize_conversation(messages: List[Dict[str, str]], template: ChatTemplate,
                           tokenizer: Tokenizer, train_on_prompt: bool = False,
-                          ) -> Tuple[List[int], List[int]]:
+                          supervised_from: int = 0) -> Tuple[List[int], List[int]]:
     """Token ids and their loss mask (1: a token trained on), with one BOS first when the
-    template's tokenizer has one. `UnsupervisedExample` if nothing is trained on."""
+    template's tokenizer has one. Only the assistant turns at `supervised_from` or after are
+    trained on (a preference pair's earlier turns are its prompt). `UnsupervisedExample` if
+    nothing is trained on."""
     pieces: List[Tuple[str, int]] = []  # (text, supervised)
     rendered = ""
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or index < supervised_from:
             continue
         prompt = template.render(messages[:index], add_generation_prompt=True)
         answered = template.render(messages[:index + 1], add_generation_prompt=False)

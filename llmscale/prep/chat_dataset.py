@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, TypeVar
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
@@ -21,6 +21,7 @@ from llmscale.prep.chat import (
 from llmscale.prep.tokenize_stage import publish, token_dtype
 
 LOSS_MASK_SUFFIX = "_loss_mask"
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,17 +42,33 @@ def loss_mask_prefix(prefix: Path) -> Path:
     return prefix.with_name(prefix.name + LOSS_MASK_SUFFIX)
 
 
-def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
-                       template: ChatTemplate, train_on_prompt: bool = False,
-                       warn=print) -> ChatReport:
-    """`output/chat.bin/.idx`, `output/chat_loss_mask.bin/.idx`, `dataset.json` and
-    `report.json`. Written under temporary names and renamed when complete."""
-    output.mkdir(parents=True, exist_ok=True)
-    prefix = output / "chat"
-    temporary = output / "chat.tmp"
-    tokens = IndexedDatasetBuilder(f"{temporary}.bin", dtype=token_dtype(tokenizer.vocab_size))
-    masks = IndexedDatasetBuilder(f"{loss_mask_prefix(temporary)}.bin", dtype=np.uint8)
-    report = ChatReport()
+class MaskedDocuments:
+    """A token dataset and its loss-mask twin (`<prefix>` and `<prefix>_loss_mask`) with the same
+    document index, written under temporary names and published by `finish`."""
+
+    def __init__(self, prefix: Path, vocab_size: int) -> None:
+        self.prefix = prefix
+        self.temporary = prefix.with_name(prefix.name + ".tmp")
+        self.tokens = IndexedDatasetBuilder(f"{self.temporary}.bin", dtype=token_dtype(vocab_size))
+        self.masks = IndexedDatasetBuilder(f"{loss_mask_prefix(self.temporary)}.bin",
+                                           dtype=np.uint8)
+
+    def add(self, ids: List[int], mask: List[int]) -> None:
+        self.tokens.add_document(ids, [len(ids)])
+        self.masks.add_document(mask, [len(mask)])
+
+    def finish(self) -> None:
+        self.tokens.finalize(f"{self.temporary}.idx")
+        self.masks.finalize(f"{loss_mask_prefix(self.temporary)}.idx")
+        publish(self.temporary, self.prefix)
+        publish(loss_mask_prefix(self.temporary), loss_mask_prefix(self.prefix))
+
+
+def converted_lines(inputs: List[Path], convert: Callable[[str], T], report: ChatReport,
+                    warn=print) -> Iterator[T]:
+    """`convert` of each non-empty line. A `BadExample` line is skipped and counted in `report`
+    (the first three of each reason warned with their `file:line`); an `UnsupervisedExample`
+    stops the run naming its `file:line`."""
     for path in inputs:
         with path.open(encoding="utf-8", errors="replace") as file:
             for number, line in enumerate(file, start=1):
@@ -59,8 +76,7 @@ def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
                     continue
                 report.lines += 1
                 try:
-                    ids, mask = tokenize_conversation(parse_example(line), template, tokenizer,
-                                                      train_on_prompt)
+                    converted = convert(line)
                 except BadExample as bad:
                     report.skipped[bad.reason] += 1
                     if report.skipped[bad.reason] <= 3:
@@ -68,25 +84,49 @@ def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
                     continue
                 except UnsupervisedExample as error:
                     raise UnsupervisedExample(f"{path}:{number}: {error}") from None
-                ids.append(tokenizer.eod_id)
-                mask.append(0)
-                tokens.add_document(ids, [len(ids)])
-                masks.add_document(mask, [len(mask)])
-                report.examples += 1
-                report.tokens += len(ids)
-                report.supervised_tokens += sum(mask)
-    if report.examples == 0:
-        raise ValueError(f"no usable example in {[str(p) for p in inputs]}: {report.describe()}")
-    tokens.finalize(f"{temporary}.idx")
-    masks.finalize(f"{loss_mask_prefix(temporary)}.idx")
-    publish(temporary, prefix)
-    publish(loss_mask_prefix(temporary), loss_mask_prefix(prefix))
-    (output / DATASET_METADATA).write_text(json.dumps(
-        {"tokenizer": tokenizer_identity(tokenizer), "chat_template": template.origin,
-         "train_on_prompt": train_on_prompt, "documents": report.examples,
-         "tokens": report.tokens}, indent=2) + "\n")
+                yield converted
+
+
+def with_end_of_document(ids: List[int], mask: List[int], tokenizer: Tokenizer):
+    return ids + [tokenizer.eod_id], mask + [0]
+
+
+def write_reports(output: Path, report: ChatReport, metadata: Dict[str, object]) -> None:
+    """`dataset.json` (the tokenizer's identity and `metadata`) and `report.json`."""
+    (output / DATASET_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     (output / "report.json").write_text(json.dumps(
         {**report.__dict__, "skipped": dict(report.skipped)}, indent=2) + "\n")
+
+
+def no_usable_lines(inputs: List[Path], report: ChatReport, what: str) -> ValueError:
+    return ValueError(f"no usable {what} in {[str(p) for p in inputs]}: {report.describe()}")
+
+
+def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
+                       template: ChatTemplate, train_on_prompt: bool = False,
+                       warn=print) -> ChatReport:
+    """`output/chat.bin/.idx`, `output/chat_loss_mask.bin/.idx`, `dataset.json` and
+    `report.json`. Written under temporary names and renamed when complete."""
+    output.mkdir(parents=True, exist_ok=True)
+    documents = MaskedDocuments(output / "chat", tokenizer.vocab_size)
+    report = ChatReport()
+
+    def convert(line: str):
+        return tokenize_conversation(parse_example(line), template, tokenizer, train_on_prompt)
+
+    for ids, mask in converted_lines(inputs, convert, report, warn):
+        ids, mask = with_end_of_document(ids, mask, tokenizer)
+        documents.add(ids, mask)
+        report.examples += 1
+        report.tokens += len(ids)
+        report.supervised_tokens += sum(mask)
+    if report.examples == 0:
+        raise no_usable_lines(inputs, report, "example")
+    documents.finish()
+    write_reports(output, report, {
+        "tokenizer": tokenizer_identity(tokenizer), "chat_template": template.origin,
+        "train_on_prompt": train_on_prompt, "documents": report.examples,
+        "tokens": report.tokens})
     return report
 
 

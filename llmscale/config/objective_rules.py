@@ -1,0 +1,32 @@
+"""The rules of the `objective` and `dpo` settings, for `validate`."""
+
+from typing import List
+
+from llmscale.config.schema import DPOLoss, LLMScaleConfig, Objective
+
+
+def objective_rules(cfg: LLMScaleConfig) -> List[str]:
+    if cfg.objective is Objective.causal:
+        return []
+    errors = [
+        f"objective={cfg.objective.value} is not trained by this build yet (its data and loss "
+        "pieces exist, the training loop does not use them): use objective=causal"
+    ]
+    if cfg.objective is Objective.dpo:
+        errors += dpo_rules(cfg)
+    return errors
+
+
+def dpo_rules(cfg: LLMScaleConfig) -> List[str]:
+    dpo, errors = cfg.dpo, []
+    if dpo.beta <= 0:
+        errors.append(f"dpo.beta={dpo.beta} must be positive (0.1 is usual for DPO, 2 for simpo)")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing={dpo.label_smoothing} must lie in [0, 0.5): it is "
+                      "the share of pairs assumed mislabelled, and 0.5 would make the loss flat")
+    elif dpo.label_smoothing and dpo.loss in (DPOLoss.ipo, DPOLoss.hinge):
+        errors.append(f"dpo.label_smoothing={dpo.label_smoothing} applies to dpo.loss=sigmoid "
+                      f"or simpo, not dpo.loss={dpo.loss.value}: set it to 0")
+    if dpo.simpo_gamma < 0:
+        errors.append(f"dpo.simpo_gamma={dpo.simpo_gamma} must be >= 0 (0.5 to 1.5 are usual)")
+    return errors
