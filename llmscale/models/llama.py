@@ -4,10 +4,10 @@ Parameter names follow Hugging Face `LlamaForCausalLM` exactly and RoPE uses its
 "rotate_half" convention, so a state_dict loads into either model without renaming or
 permuting. Parallelism is applied from outside (`llmscale.parallel`), never in here: it swaps
 the linear layers and the embedding for tensor-parallel ones and `token_losses` for the
-vocabulary-parallel cross-entropy, may keep packed documents apart (`use_document_attention`),
-and cuts the model into pipeline stages along `embed`,
-the layers and `head`. Activations run sequence-first, [seq, batch, hidden], the layout
-Megatron's sequence-parallel regions split along their first dimension.
+vocabulary-parallel cross-entropy, and cuts the model into pipeline stages along `embed`,
+the layers and `head`; so is keeping packed documents apart (`use_document_attention`).
+Activations run sequence-first, [seq, batch, hidden], the layout Megatron's sequence-parallel
+regions split along their first dimension.
 """
 
 import math

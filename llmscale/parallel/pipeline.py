@@ -5,8 +5,9 @@ then the final norm with the output layer; the loss is the model's. DeepSpeed ba
 decoder layers over the stages (the embedding joins the first, the head the last) and runs
 1F1B. With document attention the embedding stage also computes the tokens' positions within
 their documents, and they travel beside the activations (an integer tensor, which gets no
-gradient), since later stages do not see the input ids. Stage parameters are named `<index>.<piece>.<name>`; `canonical_name` gives back the
-Hugging Face name, which checkpoint conversion and export use.
+gradient), since later stages do not see the input ids. Stage parameters are named
+`<index>.<piece>.<name>`; `canonical_name` gives back the Hugging Face name, which checkpoint
+conversion and export use.
 """
 
 import re
