@@ -134,6 +134,8 @@ class DataConfig:
     test_fraction: float = 0.0
     # Blends only: where the sample-order index files are cached, shared by ranks and runs.
     index_cache_dir: str = "runs/data_index"
+    # Attention and positions restart after every EOD (packed documents do not see each other)
+    document_attention: bool = False
 
 
 @dataclass

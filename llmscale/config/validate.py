@@ -280,7 +280,8 @@ def _resolve(switch: Optional[bool], applies: bool) -> bool:
 
 def _compile_applies(cfg: LLMScaleConfig) -> bool:
     # ZeRO-3 gathers each layer's weights in hooks that split a compiled graph at every layer.
-    return cfg.parallel.tp == 1 and cfg.model.num_experts == 0 and cfg.parallel.zero_stage < 3
+    return (cfg.parallel.tp == 1 and cfg.model.num_experts == 0 and cfg.parallel.zero_stage < 3
+            and not cfg.data.document_attention)
 
 
 def _fast_path_rules(cfg: LLMScaleConfig) -> List[str]:
@@ -290,6 +291,12 @@ def _fast_path_rules(cfg: LLMScaleConfig) -> List[str]:
             f"train.compile=true with parallel.tp={cfg.parallel.tp}: megatron-core's "
             "tensor-parallel layers do not compile (Megatron-LM#2598); set train.compile=false "
             "or parallel.tp=1"
+        )
+    if cfg.train.compile and cfg.data.document_attention:
+        errors.append(
+            "train.compile=true with data.document_attention=true: the document lengths of each "
+            "batch are plain integers a compiled layer would be recompiled for; set "
+            "train.compile=false or data.document_attention=false"
         )
     if cfg.train.fused_loss and cfg.parallel.tp > 1:
         errors.append(

@@ -5,13 +5,14 @@ Parameter names follow Hugging Face `LlamaForCausalLM` exactly and RoPE uses its
 permuting. Parallelism is applied from outside (`llmscale.parallel`), never in here: it swaps
 the linear layers and the embedding for tensor-parallel ones and `token_losses` for the
 vocabulary-parallel cross-entropy, and cuts the model into pipeline stages along `embed`,
-the layers and `head`. Activations run sequence-first, [seq, batch, hidden], the layout
-Megatron's sequence-parallel regions split along their first dimension.
+the layers and `head`; so is keeping packed documents apart (`use_document_attention`).
+Activations run sequence-first, [seq, batch, hidden], the layout Megatron's sequence-parallel
+regions split along their first dimension.
 """
 
 import math
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from llmscale.adapters.lora import is_adapter, lora_initial_value
 from llmscale.config.schema import ModelConfig
+from llmscale.models.document_attention import Documents, document_attention, find_documents
 from llmscale.models.fused_loss import IGNORE_INDEX, LinearCrossEntropy
 from llmscale.models.mlp import MLP
 from llmscale.models.moe import MoEFeedForward
@@ -86,6 +88,12 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._cast_tables[dtype]
         return cos[:seq_len], sin[:seq_len]
 
+    def at(self, position_ids: torch.Tensor, dtype: torch.dtype
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, S, 1, head_dim] at position ids [B, S] (broadcast over the heads)."""
+        cos, sin = self(position_ids.shape[-1], dtype)
+        return cos[position_ids].unsqueeze(2), sin[position_ids].unsqueeze(2)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
@@ -108,19 +116,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding,
+                documents: Optional[Documents] = None) -> torch.Tensor:
+        """Causal self-attention over the whole sequence, or, given `documents`, within each
+        document, with RoPE positions counted from each document's start."""
         # Head counts are inferred (-1): a tensor-parallel rank holds a share of the heads. The
         # sequence length is read after the projections, which gather a sequence-parallel input.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         seq_len, batch = q.shape[:2]
-        q, k, v = (t.view(seq_len, batch, -1, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
-        cos, sin = rope(seq_len, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.view(seq_len, batch, -1, self.head_dim) for t in (q, k, v))
         # enable_gqa only when needed: with it set, some fused kernels are ruled out.
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.o_proj(out.permute(2, 0, 1, 3).reshape(seq_len, batch, -1))
+        gqa = self.num_kv_heads != self.num_heads
+        if documents is None:
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+            cos, sin = rope(seq_len, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = out.permute(2, 0, 1, 3)
+        else:
+            # Batch-major [B, S, heads, d], flattened to the kernels' [B*S, heads, d].
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            cos, sin = rope.at(documents.position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = document_attention(*(t.flatten(0, 1) for t in (q, k, v)), documents, gqa)
+            out = out.view(batch, seq_len, -1, self.head_dim).transpose(0, 1)
+        return self.o_proj(out.reshape(seq_len, batch, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -131,8 +151,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoEFeedForward(cfg) if cfg.num_experts else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding,
+                documents: Optional[Documents] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -148,15 +169,25 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
         )
+        # Input ids [B, S] to positions within their documents; None attends across the whole
+        # sequence. Set by `Llama.use_document_attention`.
+        self.document_positions: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] to the residual stream [S, B, H]."""
         return self.embed_tokens(input_ids.t())
 
+    def documents(self, input_ids: torch.Tensor) -> Optional[Documents]:
+        """The documents of a batch of input ids [B, S], if they are kept apart."""
+        if self.document_positions is None:
+            return None
+        return find_documents(self.document_positions(input_ids))
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
+        documents = self.documents(input_ids)
         for layer in self.layers:
-            x = layer(x, self.rotary_emb)
+            x = layer(x, self.rotary_emb, documents)
         return self.norm(x)
 
 
@@ -233,6 +264,15 @@ class Llama(nn.Module):
     def use_fused_loss(self) -> None:
         """Compute the loss with `LinearCrossEntropy`: logits one chunk of tokens at a time."""
         self.fused_loss = LinearCrossEntropy(self.cfg.vocab_size)
+
+    def use_document_attention(
+        self, document_positions: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Keep the documents packed into a sample apart: every layer attends causally within
+        each document only, and RoPE positions restart at each document. `document_positions`
+        maps input ids [B, S] to each token's position within its document, e.g.
+        `llmscale.data.document_position_ids` with the tokenizer's EOD id."""
+        self.model.document_positions = document_positions
 
     def forward(
         self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None

@@ -11,6 +11,7 @@ Non-reentrant checkpointing throughout: DeepSpeed's pipeline engine and ZeRO bot
 from functools import partial
 
 import torch
+import torch.nn.attention.varlen  # noqa: F401  (registers torch.ops.torch_attn, used below)
 from torch.utils.checkpoint import (
     CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
 )
@@ -27,6 +28,8 @@ _SAVED_OPS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # Document attention's flash kernel.
+    torch.ops.torch_attn._varlen_attn.default,
     # A row-parallel layer all-reduces its matmul's output in place. The matmul's output is
     # kept, so it is reduced already when the recompute comes; were the all-reduce recomputed,
     # it would sum the sum again. Kept, it is not run twice, and costs no memory of its own.

@@ -3,12 +3,15 @@
 The layer list is the model's own pieces, in order: the embedding, one entry per decoder layer,
 then the final norm with the output layer; the loss is the model's. DeepSpeed balances the
 decoder layers over the stages (the embedding joins the first, the head the last) and runs
-1F1B. Stage parameters are named `<index>.<piece>.<name>`; `canonical_name` gives back the
-Hugging Face name, which checkpoint conversion and export use.
+1F1B. With document attention the embedding stage also computes the tokens' positions within
+their documents, and they travel beside the activations (an integer tensor, which gets no
+gradient), since later stages do not see the input ids. Stage parameters are named
+`<index>.<piece>.<name>`; `canonical_name` gives back the Hugging Face name, which checkpoint
+conversion and export use.
 """
 
 import re
-from typing import List
+from typing import List, Tuple, Union
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -18,7 +21,11 @@ from megatron.core import parallel_state
 from torch import nn
 
 from llmscale.config.plan import ParallelPlan
+from llmscale.models.document_attention import find_documents
 from llmscale.models.llama import DecoderLayer, Llama, RMSNorm, RotaryEmbedding
+
+# Between stages: the residual stream, with the document positions when documents are kept apart.
+Activations = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 class EmbeddingStage(nn.Module):
@@ -26,9 +33,13 @@ class EmbeddingStage(nn.Module):
         super().__init__()
         self.embed_tokens = model.model.embed_tokens
         self._embed = model.model.embed
+        self._document_positions = model.model.document_positions
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._embed(input_ids)
+    def forward(self, input_ids: torch.Tensor) -> Activations:
+        hidden = self._embed(input_ids)
+        if self._document_positions is None:
+            return hidden
+        return hidden, self._document_positions(input_ids)
 
 
 class DecoderStage(nn.Module):
@@ -37,8 +48,11 @@ class DecoderStage(nn.Module):
         self.layer = layer
         self.rope = rope  # registered so that its tables move to the stage's device
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, self.rope)
+    def forward(self, activations: Activations) -> Activations:
+        if isinstance(activations, torch.Tensor):
+            return self.layer(activations, self.rope)
+        hidden, position_ids = activations
+        return self.layer(hidden, self.rope, find_documents(position_ids)), position_ids
 
 
 class HeadStage(nn.Module):
@@ -50,8 +64,8 @@ class HeadStage(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, activations: Activations) -> torch.Tensor:
+        return self.norm(activations if isinstance(activations, torch.Tensor) else activations[0])
 
 
 def pipeline_stages(model: Llama) -> List[nn.Module]:

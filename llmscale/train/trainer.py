@@ -7,6 +7,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -26,7 +27,7 @@ from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import validate
-from llmscale.data import GlobalSampleOrder, rank_micro_batches
+from llmscale.data import GlobalSampleOrder, document_position_ids, rank_micro_batches
 from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
@@ -84,7 +85,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
     resume_source = prepare_resume(resume_from, plan, process.rank) if resume_from else None
     seed_everything(cfg.train.seed)
-    model = _build_model(cfg, init_from)
+    model = _build_model(cfg, init_from, tokenizer.eod_id)
     engine = build_engine(parallelize(model, plan, cfg.adapter), cfg, plan)
     config_yaml = to_yaml(cfg)
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml)
@@ -185,7 +186,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     return summary
 
 
-def _build_model(cfg: LLMScaleConfig, init_from: Optional[Path]) -> Llama:
+def _build_model(cfg: LLMScaleConfig, init_from: Optional[Path], eod_id: int) -> Llama:
     """On the meta device, so that each rank allocates and draws only its own share
     (`parallelize`), unless whole weights come first: loaded ones, or MoE experts, which expert
     parallelism copies out of the whole model."""
@@ -194,6 +195,8 @@ def _build_model(cfg: LLMScaleConfig, init_from: Optional[Path]) -> Llama:
         model = Llama(cfg.model)
     if init_from:
         load_initial_weights(model, init_from)
+    if cfg.data.document_attention:  # before `parallelize`: pipeline stages carry the positions
+        model.use_document_attention(partial(document_position_ids, eod_id=eod_id))
     return model
 
 

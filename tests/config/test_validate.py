@@ -360,6 +360,7 @@ def test_fast_paths_are_on_with_cuda_where_they_apply(monkeypatch) -> None:
     assert (tensor_parallel.compile, tensor_parallel.fused_loss) == (False, False)
     assert not validate(load_config(BASE + ["parallel.zero_stage=3"]), 1).compile
     assert not validate(load_config(BASE + ["model=moe_tiny"]), 1).compile
+    assert not validate(load_config(BASE + ["data.document_attention=true"]), 1).compile
     switched_off = validate(load_config(
         BASE + ["train.compile=false", "train.fused_loss=false", "optim.fused=false"]), 1)
     assert (switched_off.compile, switched_off.fused_loss, switched_off.fused_optimizer) == (
@@ -379,3 +380,6 @@ def test_fast_paths_that_do_not_apply_are_refused() -> None:
     assert "train.compile=true with parallel.tp=2" in message
     assert "set train.compile=false" in message
     assert "train.fused_loss=true with parallel.tp=2" in message
+    message = config_error(["data.document_attention=true", "train.compile=true"], 1)
+    assert "train.compile=true with data.document_attention=true" in message
+    assert "set train.compile=false or data.document_attention=false" in message
