@@ -29,6 +29,7 @@ from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig
 from llmscale.config.validate import validate
 from llmscale.data import GlobalSampleOrder, document_position_ids, rank_micro_batches
 from llmscale.data.build import build_datasets, resolve_vocab_size
+from llmscale.data.chat_samples import ChatSamples
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.parallel.distributed import init_distributed, read_world_size
@@ -111,6 +112,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
+        if isinstance(train_set, ChatSamples):
+            print(f"llmscale: chat data: {train_set.describe()}; {val_set.describe()}")
         if cfg.adapter.kind is AdapterKind.lora:
             print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
@@ -136,7 +139,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         lr = engine.get_lr()[0]
         start = time.perf_counter()
         loss, anomaly = train_step(engine, batches, process.device, lambda loss: guard.check(
-            state.step + 1, loss, rollback_source.step_dir if rollback_source else None))
+            state.step + 1, loss, rollback_source.step_dir if rollback_source else None),
+            global_token_mean=bool(cfg.data.chat))
         seconds = time.perf_counter() - start
 
         state.step += 1
