@@ -21,10 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llmscale.checkpoint.checkpointer import STATE_FILE
 from llmscale.checkpoint.reshard import (
-    universal_tensor, convert_to_universal, universal_parameter_dirs,
+    convert_to_universal, module_file_weights, universal_parameter_dirs, universal_tensor,
 )
 from llmscale.checkpoint.safe_load import weights_only_loads
-from llmscale.config.schema import ModelConfig
+from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -80,7 +80,8 @@ def _saved_plan(step_dir: Path) -> dict:
 
 def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     """Tensor shards and pipeline stages merged by DeepSpeed's universal conversion (cached in
-    the step folder, as a resume on another layout does)."""
+    the step folder, as a resume on another layout does); what it lacks, a LoRA run's frozen
+    base, from the model-states files, merged the same way."""
     if plan["zero_stage"] == 0:
         raise ValueError(
             f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']} at ZeRO-0, whose "
@@ -91,6 +92,8 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     convert_to_universal(step_dir)
     weights = {name: universal_tensor(folder / "fp32.pt")
                for name, folder in universal_parameter_dirs(step_dir, plan["pp"]).items()}
+    if saved_settings(step_dir, "adapter", AdapterConfig, required=False).kind is AdapterKind.lora:
+        weights = {**module_file_weights(step_dir, plan["tp"], plan["pp"]), **weights}
     if model_config_of(step_dir).tie_embeddings:
         weights[TIED_HEAD] = weights[TIED_EMBEDDING]
     return weights
