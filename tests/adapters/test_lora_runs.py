@@ -124,6 +124,11 @@ def untied_lora_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def untied_exports(untied_lora_run, tmp_path_factory):
+    return exported(untied_lora_run, tmp_path_factory.mktemp("lora-untied-exports"))
+
+
 def exported(run_dir, out_dir):
     """The run's PEFT adapters and its merged HF weights, as `llmscale-convert` writes them."""
     tool = load_tool()
@@ -135,24 +140,24 @@ def exported(run_dir, out_dir):
 
 
 # Measured (4 steps, fp32): pipeline parallel gives one process's numbers exactly; tensor
-# parallel gives its losses exactly and its adapters within 1.4e-5 (2 of 2,816 entries of one
-# matrix above 1e-6, the rest within 1e-6): the split sums run in another order, and Adam
-# divides a gradient entry near zero by its own small size.
+# parallel gives its losses exactly and its adapters within 1.3e-5 (2 of 2,816 entries of one
+# matrix above 1e-6, the rest within 1e-6). The split layers sum in another order; where a
+# gradient entry nearly cancels, that changes it by 1e-4 of itself (3e-7 elsewhere), and Adam
+# steps every entry by about the learning rate, whatever its gradient's size.
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, tolerance", [
     (["parallel.tp=2", "parallel.sequence_parallel=true"], 5e-5),
     (["parallel.pp=2"], 1e-6),
 ], ids=["tp2-sequence-parallel", "pp2"])
 def test_tensor_and_pipeline_parallel_match_one_process(layout, tolerance, untied_lora_run,
-                                                        tmp_path):
+                                                        untied_exports, tmp_path):
     launch("torchrun", tmp_path / "run", *UNTIED, *layout)
     losses, reference = metrics(tmp_path / "run", "loss"), metrics(untied_lora_run, "loss")
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, expected in reference.items():
         assert abs(losses[step] - expected) / abs(expected) < 1e-5, (step, losses[step], expected)
     files = exported(tmp_path / "run", tmp_path / "export")
-    expected_files = exported(untied_lora_run, tmp_path / "reference-export")
-    assert files.keys() == expected_files.keys()
+    assert files.keys() == untied_exports.keys()
     assert any(name.endswith("lora_A.weight") for name in files)
-    for name, tensor in expected_files.items():
+    for name, tensor in untied_exports.items():
         assert (files[name] - tensor).abs().max() <= tolerance, name
