@@ -79,7 +79,7 @@ def module_file_weights(step_dir: Path, tp: int, pp: int) -> Dict[str, torch.Ten
     for tp_rank in range(tp):
         for name, tensor in _module_state(step_dir, tp_rank, pp).items():
             shards.setdefault(name, []).append(tensor)
-    return {name: _merged_shards(name, parts) for name, parts in shards.items()}
+    return {name: merged_tensor_shards(name, parts) for name, parts in shards.items()}
 
 
 def _module_state(step_dir: Path, tp_rank: int, pp: int) -> Dict[str, torch.Tensor]:
@@ -93,7 +93,8 @@ def _module_state(step_dir: Path, tp_rank: int, pp: int) -> Dict[str, torch.Tens
     return state
 
 
-def _merged_shards(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
+def merged_tensor_shards(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
+    """Parameter `name` whole from its tensor-parallel shards, in rank order."""
     if len(shards) == 1 or any(re.match(pattern, name) for pattern in TP_REPLICATED):
         return shards[0]
     return torch.cat(shards, dim=1 if any(re.match(p, name) for p in ROW_PARALLEL) else 0)
