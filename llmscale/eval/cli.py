@@ -61,6 +61,8 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
                        help="give prompts as they are, even to a tokenizer with a chat template")
     exact.add_argument("--contains", action="store_true",
                        help="also count an answer found within the generation")
+    exact.add_argument("--first-line", action="store_true",
+                       help="compare only the first non-empty line of each generation")
     exact.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
     return parser.parse_args(argv)
 
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> Dict:
 
         results = evaluate_exact_match(loaded, read_questions(args.examples, args.limit), ranks,
                                        args.max_new_tokens, not args.no_chat_template,
-                                       args.contains)
+                                       args.contains, args.first_line)
         source = str(args.examples)
     timing = results.pop("timing", {})
     timing.update(load_seconds=round(loaded_at - started, 3),

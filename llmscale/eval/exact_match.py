@@ -1,7 +1,8 @@
 """Exact match of greedy generations: JSONL lines `{"prompt", "answer"}` (an answer may be a list
 of accepted strings). Generation and answer are compared normalised (lower case, punctuation
 dropped, whitespace collapsed); with `contains`, an answer found anywhere in the generation also
-counts."""
+counts; with `first_line`, only the generation's first non-empty line is compared (a base model
+continues past its answer)."""
 
 import re
 import string
@@ -53,7 +54,7 @@ def _contains_words(text: str, answer: str) -> bool:
 
 def evaluate_exact_match(loaded: LoadedModel, questions: List[Question], ranks: Ranks,
                          max_new_tokens: int = 32, chat: bool = True,
-                         contains: bool = False) -> Dict:
+                         contains: bool = False, first_line: bool = False) -> Dict:
     """The share of questions answered; `chat` puts each prompt in the tokenizer's chat template
     as a user turn, when it has one."""
     tokenizer, template = loaded.tokenizer, loaded.chat_template if chat else None
@@ -70,14 +71,18 @@ def evaluate_exact_match(loaded: LoadedModel, questions: List[Question], ranks: 
     seconds = time.perf_counter() - started
     samples = []
     for question, result in zip(questions, ranks.gather(mine)):
+        said = result["generation"]
+        if first_line:
+            said = next((line for line in said.splitlines() if line.strip()), "")
         samples.append({**result, "answers": question.answers,
-                        "match": is_match(result["generation"], question.answers, contains)})
+                        "match": is_match(said, question.answers, contains)})
     return {
         "metrics": {
             "exact_match": sum(s["match"] for s in samples) / len(samples),
             "examples": len(samples),
             "chat_template": template is not None,
             "contains": contains,
+            "first_line": first_line,
         },
         "samples": samples,
         "timing": {"rank0_seconds": round(seconds, 3),

@@ -140,6 +140,6 @@ def test_the_command_writes_its_results(hf_folder, tmp_path, capsys):
          "--max-new-tokens", "4", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert report["metrics"] == {"exact_match": 0.0, "examples": 1, "chat_template": False,
-                                 "contains": False}
+                                 "contains": False, "first_line": False}
     assert report["samples"][0]["new_tokens"] == 4
     assert "exact-match of" in capsys.readouterr().out
