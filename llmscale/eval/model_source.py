@@ -51,7 +51,8 @@ def load_model(path: Path, tokenizer: Optional[str] = None,
         found, origin, data = _tokenizer_beside(path), path, DataConfig()
     else:
         state_dict, cfg, found, origin, data = _from_checkpoint(path)
-    tokenizer_path = Path(tokenizer) if tokenizer and tokenizer != "byte" else found.path
+    tokenizer_path = found.path if tokenizer is None else (
+        None if tokenizer == "byte" else Path(tokenizer))
     chosen = open_tokenizer(tokenizer) if tokenizer else found.tokenizer
     if chosen is None:
         raise ValueError(f"{path} holds no {HF_TOKENIZER}: name the model's tokenizer with "
