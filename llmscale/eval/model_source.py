@@ -51,6 +51,9 @@ def load_model(path: Path, tokenizer: Optional[str] = None,
         found, origin, data = _tokenizer_beside(path), path, DataConfig()
     else:
         state_dict, cfg, found, origin, data = _from_checkpoint(path)
+    if not cfg.causal:
+        raise ValueError(f"{path} holds a bidirectional encoder (model.causal=false, trained "
+                         "as a masked LM): likelihoods and generation need a causal model")
     tokenizer_path = found.path if tokenizer is None else (
         None if tokenizer == "byte" else Path(tokenizer))
     chosen = open_tokenizer(tokenizer) if tokenizer else found.tokenizer

@@ -3,6 +3,7 @@ normalisation, the model folders, and the errors a user meets."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,6 +123,12 @@ def test_a_question_without_an_answer_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Which play?", "answer": "!"}])
     with pytest.raises(ValueError, match=r"qa.jsonl, line 1: 'answer' must be"):
         read_questions(path)
+
+
+def test_an_encoder_is_refused(tmp_path):
+    save_weights(random_llama().state_dict(), replace(TINY, causal=False), tmp_path)
+    with pytest.raises(ValueError, match="model.causal=false"):
+        load_model(tmp_path, "byte")
 
 
 def test_the_command_names_a_missing_model_folder(tmp_path, capsys):
