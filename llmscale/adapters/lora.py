@@ -98,7 +98,8 @@ def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def describe_trainable(model: nn.Module) -> str:
-    wrapped = sum(isinstance(module, LoRALinear) for module in model.modules())
+    # (Under tensor parallelism the wrapped projections are Megatron's, adapted alike.)
+    wrapped = sum(hasattr(module, "lora_A") for module in model.modules())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return (f"LoRA on {wrapped} projections: {trainable:,} of {total:,} parameters train "

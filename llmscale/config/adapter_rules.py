@@ -23,11 +23,6 @@ def adapter_rules(cfg: LLMScaleConfig) -> List[str]:
             f"Llama layer's projections {list(LLAMA_PROJECTIONS)}"
             + (f"; unknown: {unknown}" if unknown else "")
         )
-    if par.tp > 1 or par.pp > 1:
-        errors.append(
-            f"adapter.kind=lora trains with data parallelism only in this build, not with "
-            f"parallel.tp={par.tp} / parallel.pp={par.pp}: set both to 1"
-        )
     if par.zero_stage == 3:
         errors.append(
             "adapter.kind=lora is supported at parallel.zero_stage 0, 1 or 2: ZeRO-3 would "

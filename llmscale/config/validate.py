@@ -12,7 +12,7 @@ from llmscale.config.adapter_rules import adapter_rules
 from llmscale.config.load import ConfigError
 from llmscale.config.objective_rules import objective_rules
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig, Objective
 
 
 def _divisors(n: int) -> List[int]:
@@ -179,6 +179,9 @@ def _chat_data_rules(cfg: LLMScaleConfig) -> List[str]:
             f"data.chat={data.chat} and data.paths={list(data.paths)[:3]} are both set: train on "
             "one of them (data=chat sets data.paths=[])"
         )
+    if data.chat and cfg.objective is not Objective.causal:
+        errors.append(f"data.chat trains the next-token objective, not "
+                      f"objective={cfg.objective.value}: set objective=causal")
     if data.pack and not data.chat:
         errors.append("data.pack=true applies to chat data (data.chat); text and blends are "
                       "always packed: set data.pack=false")
