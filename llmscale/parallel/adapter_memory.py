@@ -68,7 +68,7 @@ def layer_adapter_activation_bytes(model: ModelConfig, adapter: AdapterConfig,
                                    recompute: ActivationCheckpointing, e: int) -> float:
     """Bytes per token that one layer saves with adapters beyond (or, negative, short of) what
     it saves training every weight. Full checkpointing keeps the layer input alone either way;
-    selective recomputes the norms."""
+    selective recomputes the norms and keeps every matmul's output, B's (out wide) too."""
     if recompute is ActivationCheckpointing.full:
         return 0.0
     shapes = projection_shapes(model)
@@ -77,9 +77,20 @@ def layer_adapter_activation_bytes(model: ModelConfig, adapter: AdapterConfig,
         per_token += e * adapter.rank
         if adapter.dropout > 0:  # the dropped input and its bool mask
             per_token += (e + 1) * shapes[name][0]
+        if recompute is ActivationCheckpointing.selective:
+            per_token += e * shapes[name][1]
     if recompute is ActivationCheckpointing.none:
         per_token -= FROZEN_NORM_SAVING * e * model.hidden_size
     return per_token
+
+
+def layer_adapter_recompute_bytes(model: ModelConfig, adapter: AdapterConfig,
+                                  recompute: ActivationCheckpointing, e: int) -> float:
+    """... and what full checkpointing's recomputation of a layer holds beyond a full model's:
+    the layer without checkpointing, adapted."""
+    if recompute is not ActivationCheckpointing.full:
+        return 0.0
+    return layer_adapter_activation_bytes(model, adapter, ActivationCheckpointing.none, e)
 
 
 # A norm whose weight is frozen keeps no normalised input for the weight's gradient: two a

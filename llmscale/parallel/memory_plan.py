@@ -95,6 +95,7 @@ from llmscale.parallel.adapter_memory import (
     frozen_weight_bytes,
     layer_adapter_activation_bytes,
     layer_adapter_parameters,
+    layer_adapter_recompute_bytes,
     layer_quantized_parameters,
     stage_adapter_activation_bytes,
 )
@@ -294,7 +295,9 @@ def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Pr
         e = activation_bytes_per_element(precision)
         layer += (seq_len * plan.micro_batch_size
                   * layer_adapter_activation_bytes(model, adapter, recompute, e))
-        layer_backward += dequantize_bytes(model, adapter, tp, e)
+        layer_backward += (dequantize_bytes(model, adapter, tp, e)
+                           + seq_len * plan.micro_batch_size
+                           * layer_adapter_recompute_bytes(model, adapter, recompute, e))
     # Gradients already exist when the backward pass starts if an earlier micro-batch of the
     # step made them (accumulation, and every pipeline schedule); else it allocates them as it
     # frees the activations.
