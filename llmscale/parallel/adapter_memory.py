@@ -15,7 +15,8 @@ frozen norms keep no normalised input, the first norm nothing (its input, the fr
 embedding's output, needs no gradient), and the frozen lm_head not its input. QLoRA
 dequantises each weight for its product, forward and backward: torchao's dequantisation holds
 two int64 code tensors of half the weight each and three tensors of its size in the model's
-dtype at its fullest, (8 + 3e) bytes a weight of the largest projection, short-lived."""
+dtype at its fullest, (8 + 3e) bytes a weight of the largest projection, short-lived, and in
+a projection's backward, not while SwiGLU's or a norm's backward holds its buffers."""
 
 from typing import Dict, Optional, Tuple
 

@@ -295,9 +295,10 @@ def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Pr
         e = activation_bytes_per_element(precision)
         layer += (seq_len * plan.micro_batch_size
                   * layer_adapter_activation_bytes(model, adapter, recompute, e))
-        layer_backward += (dequantize_bytes(model, adapter, tp, e)
-                           + seq_len * plan.micro_batch_size
+        layer_backward += (seq_len * plan.micro_batch_size
                            * layer_adapter_recompute_bytes(model, adapter, recompute, e))
+        # QLoRA dequantises a weight in a projection's backward, not in SwiGLU's or a norm's.
+        layer_backward = max(layer_backward, dequantize_bytes(model, adapter, tp, e))
     # Gradients already exist when the backward pass starts if an earlier micro-batch of the
     # step made them (accumulation, and every pipeline schedule); else it allocates them as it
     # frees the activations.
