@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
+from corpus_fixtures import train_hf_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Run = Tuple[Path, subprocess.CompletedProcess]  # the run folder it was given, and the outcome
@@ -43,6 +44,13 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], List[str]]] = {
     "resume-not-a-checkpoint": (
         lambda tmp: [f"train.resume={tmp / 'not_a_checkpoint'}"],
         ["train.resume=", "not_a_checkpoint is not an llmscale checkpoint", "llmscale_state.json"],
+    ),
+    "mlm-without-mask-token": (
+        lambda tmp: ["objective=mlm", "model.causal=false", "tokenizer.kind=huggingface",
+                     "tokenizer.path=" + str(train_hf_tokenizer(
+                         tmp / "tokenizer.json", REPO_ROOT / "data/shakespeare/tempest.txt"))],
+        ["objective=mlm with tokenizer.kind=huggingface", "has no mask token",
+         "defines none of ['<mask>', '[MASK]']"],
     ),
     "tp-does-not-divide-heads": (
         lambda tmp: ["parallel.tp=8"],

@@ -150,10 +150,11 @@ def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def describe_trainable(model: nn.Module) -> str:
-    wrapped = [module for module in model.modules() if isinstance(module, LoRALinear)]
-    quantized = [module.weight for module in wrapped if isinstance(module, QLoRALinear)]
+    # (Under tensor parallelism the wrapped projections are Megatron's, adapted alike.)
+    wrapped = sum(hasattr(module, "lora_A") for module in model.modules())
+    quantized = [module.weight for module in model.modules() if isinstance(module, QLoRALinear)]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in [*model.parameters(), *quantized])
     kind = "QLoRA (NF4 base)" if quantized else "LoRA"
-    return (f"{kind} on {len(wrapped)} projections: {trainable:,} of {total:,} parameters train "
+    return (f"{kind} on {wrapped} projections: {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.2f}%)")

@@ -24,7 +24,8 @@ def _nf4_module():
     try:
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError as error:
-        raise ImportError("adapter.kind=qlora needs torchao: pip install 'llmscale[qlora]'") from error
+        raise ImportError(
+            "adapter.kind=qlora needs torchao: pip install 'llmscale[qlora]'") from error
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)

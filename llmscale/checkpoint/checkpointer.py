@@ -100,11 +100,12 @@ def resolve_resume(resume: str, checkpoint_dir: Path, checksums: bool = True) ->
 class ResumeSource:
     """Where the engine state comes from: the step folder itself, loaded by DeepSpeed, or its
     universal conversion when the parallel layout changed (`saved_pp`: the pipeline size it
-    was saved with, which names its parameters)."""
+    was saved with, which names its parameters; `saved_tp`: the tensor shards of its files)."""
 
     step_dir: Path
     universal: bool
     saved_pp: int = 1
+    saved_tp: int = 1
 
 
 def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSource:
@@ -121,7 +122,8 @@ def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSourc
               f"{plan.zero_stage}")
         convert_to_universal(step_dir)
     dist.barrier()
-    return ResumeSource(step_dir, universal=True, saved_pp=saved_plan["pp"])
+    return ResumeSource(step_dir, universal=True, saved_pp=saved_plan["pp"],
+                        saved_tp=saved_plan["tp"])
 
 
 class Checkpointer:
@@ -176,7 +178,7 @@ class Checkpointer:
         record = json.loads((source.step_dir / STATE_FILE).read_text())
         with weights_only_loads(source.step_dir):
             if source.universal:
-                restore_universal(engine, source.step_dir, source.saved_pp, self.plan)
+                restore_universal(engine, source, self.plan)
             else:
                 loaded, _ = engine.load_checkpoint(
                     str(source.step_dir.parent), tag=source.step_dir.name,

@@ -5,8 +5,9 @@
         of a LoRA run, its frozen base, or with --merge the base with the adapters folded in
         (not of a QLoRA run: its checkpoints hold no base, and its adapters fit the NF4 one)
     python tools/convert_checkpoint.py to-peft runs/tiny_lora peft/tiny_lora
-        a LoRA or QLoRA run's adapters -> a PEFT folder (adapter_config.json + adapter_model.safetensors)
-        that peft.PeftModel.from_pretrained loads onto the to-hf export of its base
+        a LoRA or QLoRA run's adapters -> a PEFT folder (adapter_config.json +
+        adapter_model.safetensors) that peft.PeftModel.from_pretrained loads onto the to-hf
+        export of its base
     python tools/convert_checkpoint.py from-hf hf/SmolLM2-135M weights/smollm2
         an HF Llama folder -> an llmscale weights folder (model.safetensors + model.yaml) to
         start a run from

@@ -19,12 +19,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmscale.adapters.lora import is_adapter
 from llmscale.checkpoint.checkpointer import STATE_FILE
 from llmscale.checkpoint.reshard import (
-    universal_tensor, convert_to_universal, universal_parameter_dirs,
+    convert_to_universal, module_file_weights, universal_parameter_dirs, universal_tensor,
 )
 from llmscale.checkpoint.safe_load import weights_only_loads
-from llmscale.config.schema import ModelConfig
+from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -80,7 +81,8 @@ def _saved_plan(step_dir: Path) -> dict:
 
 def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     """Tensor shards and pipeline stages merged by DeepSpeed's universal conversion (cached in
-    the step folder, as a resume on another layout does)."""
+    the step folder, as a resume on another layout does). It merges only what the optimizer
+    holds: a LoRA run's frozen base comes from the model-states files, merged the same way."""
     if plan["zero_stage"] == 0:
         raise ValueError(
             f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']} at ZeRO-0, whose "
@@ -91,6 +93,11 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     convert_to_universal(step_dir)
     weights = {name: universal_tensor(folder / "fp32.pt")
                for name, folder in universal_parameter_dirs(step_dir, plan["pp"]).items()}
+    if saved_settings(step_dir, "adapter", AdapterConfig, required=False).kind is AdapterKind.lora:
+        # (The conversion lists frozen weights of a tensor-parallel save, unmerged: one shard.)
+        weights.update((name, tensor) for name, tensor
+                       in module_file_weights(step_dir, plan["tp"], plan["pp"]).items()
+                       if not is_adapter(name))
     if model_config_of(step_dir).tie_embeddings:
         weights[TIED_HEAD] = weights[TIED_EMBEDDING]
     return weights

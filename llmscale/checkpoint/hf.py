@@ -51,7 +51,7 @@ _AXES = {
 # ModelConfig fields that change what the weights compute: a run must match them to start
 # from the weights. (max_seq_len may grow or shrink; init_std and name do not matter.)
 _MATH_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                "vocab_size", "tie_embeddings", "rope_theta", "norm_eps")
+                "vocab_size", "tie_embeddings", "rope_theta", "norm_eps", "causal")
 
 
 # ---- Hugging Face folders ------------------------------------------------------------------
@@ -134,6 +134,12 @@ def export_hf(state_dict: Dict[str, torch.Tensor], model_cfg: ModelConfig, out_d
         raise ValueError(
             f"model {model_cfg.name} is a mixture of experts (model.num_experts="
             f"{model_cfg.num_experts}): export to Hugging Face covers dense Llama models only"
+        )
+    if not model_cfg.causal:
+        raise ValueError(
+            f"model {model_cfg.name} is a bidirectional encoder (model.causal=false, trained "
+            "with objective=mlm): a Hugging Face LlamaForCausalLM would run it causally and "
+            "compute something else; its llmscale checkpoint is what resumes and evaluates it"
         )
     check_weights(state_dict, model_cfg, "the state dict")
     tensors = _without_tied_head(state_dict, model_cfg)

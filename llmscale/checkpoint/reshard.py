@@ -4,8 +4,8 @@ sizes) through DeepSpeed's universal checkpoint.
 A ZeRO checkpoint stores each rank's slice of the flattened optimizer state, so it loads only
 into the same layout. DeepSpeed's `ds_to_universal` rewrites it as one folder per parameter
 (fp32 weight, Adam moments, step), merging data-parallel slices and, by the patterns saved with
-each checkpoint (`universal_checkpoint_info`), tensor-parallel shards: row-parallel weights
-along their input dimension, norms kept once, everything else along the output dimension.
+each checkpoint (`universal_checkpoint_info`), tensor-parallel shards. It holds only what the
+optimizer holds: a LoRA run's frozen base comes from the model-states files instead.
 Folders of a pipeline-parallel save carry stage names (`3.layer.mlp.up_proj.weight`), which
 map back to the model's own names. `restore_universal` then hands every rank its share of each
 parameter through DeepSpeed's per-parameter setters, for ZeRO 1, 2 and 3 alike. (DeepSpeed's
@@ -16,9 +16,10 @@ The conversion is cached in the step folder, beside the files the manifest cover
 
 import argparse
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, List
 
 import torch
 from deepspeed.checkpoint.constants import (
@@ -36,20 +37,67 @@ from llmscale.parallel.tensor_parallel import local_shard
 
 UNIVERSAL_DIR = "universal"
 
-# Saved with every checkpoint, so that `ds_to_universal` can merge tensor-parallel shards
-# (DeepSpeed matches each pattern from the start of the parameter name).
-UNIVERSAL_INFO = {
-    UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
-    PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*(o_proj|down_proj)\.weight$"],
-}
+# How tensor-parallel shards merge (DeepSpeed matches each pattern from the start of the
+# parameter name): row-parallel weights along their input dimension, replicated ones kept once,
+# everything else along the output dimension. A LoRA adapter follows its projection's split:
+# B of a column-parallel projection and A of a row-parallel one are split, the other replicated.
+_COLUMN, _ROW = "(q_proj|k_proj|v_proj|gate_proj|up_proj)", "(o_proj|down_proj)"
+TP_REPLICATED = [r".*norm\.weight$", rf".*{_COLUMN}\.lora_A\.weight$",
+                 rf".*{_ROW}\.lora_B\.weight$"]
+ROW_PARALLEL = [rf".*{_ROW}\.weight$", rf".*{_ROW}\.lora_A\.weight$"]
+
+
+def universal_info(trained_names: Iterable[str]) -> dict:
+    """Saved with every checkpoint, so that `ds_to_universal` can merge tensor-parallel shards.
+    It merges only what the optimizer holds, and refuses a pattern that matches none of it
+    (a LoRA run trains no norm), so only the patterns of trained parameters are named."""
+    names = list(trained_names)
+
+    def used(patterns: List[str]) -> List[str]:
+        return [pattern for pattern in patterns if any(re.match(pattern, n) for n in names)]
+
+    return {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        TP_REPLICATED_PARAMETER_PATTERNS: used(TP_REPLICATED),
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: used(ROW_PARALLEL),
+    }
 
 
 def declare_universal_info(engine) -> None:
-    """Hands `UNIVERSAL_INFO` to DeepSpeed the way its own tensor-parallel code does: as an
+    """Hands `universal_info` to DeepSpeed the way its own tensor-parallel code does: as an
     attribute of the engine's module, which both its dense and its MoE save paths write into the
     model-states file (the MoE path refuses the key in `client_state`)."""
-    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_INFO)
+    trained = (name for name, param in engine.module.named_parameters() if param.requires_grad)
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, universal_info(trained))
+
+
+def module_file_weights(step_dir: Path, tp: int, pp: int) -> Dict[str, torch.Tensor]:
+    """Every parameter as the model-states files of a ZeRO 0-2 save hold it (in the working
+    precision), by the model's own name, tensor shards merged as `ds_to_universal` merges them.
+    The only copy of what the optimizer does not hold: a LoRA run's frozen base."""
+    shards: Dict[str, List[torch.Tensor]] = {}
+    for tp_rank in range(tp):
+        for name, tensor in _module_state(step_dir, tp_rank, pp).items():
+            shards.setdefault(name, []).append(tensor)
+    return {name: merged_tensor_shards(name, parts) for name, parts in shards.items()}
+
+
+def _module_state(step_dir: Path, tp_rank: int, pp: int) -> Dict[str, torch.Tensor]:
+    if pp == 1:
+        return load_deepspeed_file(step_dir / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+    state = {}
+    for path in step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"):
+        index = int(path.name.split("-")[0][len("layer_"):])
+        state.update((canonical_name(f"{index}.{key}"), tensor)
+                     for key, tensor in load_deepspeed_file(path).items())
+    return state
+
+
+def merged_tensor_shards(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
+    """Parameter `name` whole from its tensor-parallel shards, in rank order."""
+    if len(shards) == 1 or any(re.match(pattern, name) for pattern in TP_REPLICATED):
+        return shards[0]
+    return torch.cat(shards, dim=1 if any(re.match(p, name) for p in ROW_PARALLEL) else 0)
 
 
 def needs_universal(saved_plan: dict, plan: ParallelPlan) -> bool:
@@ -108,10 +156,11 @@ def universal_parameter_dirs(step_dir: Path, saved_pp: int) -> Dict[str, Path]:
     return {naming(path.name): path for path in zero_dir.iterdir() if path.is_dir()}
 
 
-def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan) -> None:
-    """Load `step_dir`'s universal files into an engine of any ZeRO stage >= 1 and any tensor
-    and pipeline sizes. Covers what `engine.load_checkpoint` would: weights, Adam moments and
-    step, LR schedule, the engine's step counters."""
+def restore_universal(engine, source, plan: ParallelPlan) -> None:
+    """Load the universal files of `source` (a `ResumeSource`) into an engine of any ZeRO
+    stage >= 1 and any tensor and pipeline sizes. Covers what `engine.load_checkpoint` would:
+    weights, Adam moments and step, LR schedule, the engine's step counters."""
+    step_dir, saved_pp = source.step_dir, source.saved_pp
     folders = universal_parameter_dirs(step_dir, saved_pp)
     naming = _model_naming(plan.pp)
     optimizer = engine.optimizer
@@ -127,7 +176,13 @@ def restore_universal(engine, step_dir: Path, saved_pp: int, plan: ParallelPlan)
             }
     if not zero3:
         optimizer._lazy_init_hp_params_optimizer_state()  # points each weight at its moments
+    frozen: Dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:  # a LoRA run's base: no optimizer state, only a value
+            frozen = frozen or module_file_weights(step_dir, source.saved_tp, saved_pp)
+            with torch.no_grad():
+                param.copy_(local_shard(param, frozen[naming(name)]))
+            continue
         folder = folders.get(naming(name))
         if folder is None:
             raise ConfigError(f"checkpoint {step_dir} has no parameter {naming(name)}: it holds "

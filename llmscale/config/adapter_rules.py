@@ -28,20 +28,16 @@ def adapter_rules(cfg: LLMScaleConfig) -> List[str]:
         )
     if adapter.kind is AdapterKind.qlora:
         errors += qlora_rules(cfg)
-    if par.tp > 1 or par.pp > 1:
-        errors.append(
-            f"adapter.kind=lora trains with data parallelism only in this build, not with "
-            f"parallel.tp={par.tp} / parallel.pp={par.pp}: set both to 1"
-        )
     if par.zero_stage == 3:
         errors.append(
-            f"adapter.kind={adapter.kind.value} is supported at parallel.zero_stage 0, 1 or 2: ZeRO-3 would "
-            "partition the frozen base too, which this build does not handle; use 1 or 2"
+            f"adapter.kind={adapter.kind.value} is supported at parallel.zero_stage 0, 1 or 2: "
+            "ZeRO-3 would partition the frozen base too, which this build does not handle; "
+            "use 1 or 2"
         )
     if cfg.model.num_experts:
         errors.append(
-            f"adapter.kind={adapter.kind.value} wraps dense projections; an MoE model (model.num_experts="
-            f"{cfg.model.num_experts}) is not supported: pick a dense model"
+            f"adapter.kind={adapter.kind.value} wraps dense projections; an MoE model "
+            f"(model.num_experts={cfg.model.num_experts}) is not supported: pick a dense model"
         )
     return errors
 

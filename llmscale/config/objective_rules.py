@@ -6,14 +6,33 @@ from llmscale.config.schema import DPOLoss, LLMScaleConfig, Objective
 
 
 def objective_rules(cfg: LLMScaleConfig) -> List[str]:
-    if cfg.objective is Objective.causal:
-        return []
-    errors = [
-        f"objective={cfg.objective.value} is not trained by this build yet (its data and loss "
-        "pieces exist, the training loop does not use them): use objective=causal"
-    ]
+    if cfg.objective is Objective.mlm:
+        return masked_lm_rules(cfg)
+    errors = []
+    if not cfg.model.causal:
+        errors.append(
+            f"model.causal=false (bidirectional attention) with objective={cfg.objective.value}: "
+            "predicting the next token while seeing it teaches nothing; set model.causal=true, "
+            "or objective=mlm to train an encoder"
+        )
     if cfg.objective is Objective.dpo:
+        errors.append(
+            "objective=dpo is not trained by this build yet (its data and loss pieces exist, "
+            "the training loop does not use them): use objective=causal"
+        )
         errors += dpo_rules(cfg)
+    return errors
+
+
+def masked_lm_rules(cfg: LLMScaleConfig) -> List[str]:
+    errors = []
+    if cfg.model.causal:
+        errors.append("objective=mlm trains a bidirectional encoder: set model.causal=false")
+    if cfg.data.document_attention:
+        errors.append("data.document_attention=true keeps packed documents apart with causal "
+                      "attention; objective=mlm needs bidirectional attention: set it to false")
+    if not 0.0 < cfg.mlm.rate < 1.0:
+        errors.append(f"mlm.rate={cfg.mlm.rate} must lie in (0, 1) (BERT's is 0.15)")
     return errors
 
 

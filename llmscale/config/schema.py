@@ -92,6 +92,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # False: every position attends to the whole sequence (a BERT-style encoder, for
+    # objective=mlm); true: each attends to the ones before it (a decoder).
+    causal: bool = True
     # Mixture of experts (Mixtral-style): 0 keeps the dense SwiGLU feed-forward; N > 0 replaces
     # it in every layer by N SwiGLU experts behind a top-k router.
     num_experts: int = 0
@@ -210,6 +213,13 @@ class DPOConfig:
 
 
 @dataclass
+class MaskedLMConfig:
+    # The share of ordinary tokens chosen for prediction; of those, 80% become the mask token,
+    # 10% a random token, 10% stay (BERT).
+    rate: float = 0.15
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     # End this launch after this step, with a checkpoint, leaving the schedule (set by
@@ -309,9 +319,10 @@ class LLMScaleConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    # What the model is trained to do; only `causal` is trained by this build so far.
+    # What the model is trained to do: `causal` and `mlm` are trained by this build so far.
     objective: Objective = Objective.causal
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    mlm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

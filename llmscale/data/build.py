@@ -7,7 +7,7 @@ from typing import Tuple
 from torch.utils.data import Dataset
 
 from llmscale.config.load import REPO_ROOT, ConfigError
-from llmscale.config.schema import LLMScaleConfig, ModelConfig
+from llmscale.config.schema import LLMScaleConfig, ModelConfig, Objective
 from llmscale.data import (
     PackedDataset,
     Tokenizer,
@@ -37,7 +37,8 @@ def fill_in_vocab_size(cfg: LLMScaleConfig) -> None:
     """Set model.vocab_size from the tokenizer when the config leaves it to it, as a run would
     (for reports that build no datasets: the dry run, tools/plan.py)."""
     if cfg.model.vocab_size is None:
-        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT).vocab_size
+        masked_lm = cfg.objective is Objective.mlm
+        vocab = build_tokenizer(cfg.tokenizer, REPO_ROOT, masked_lm).vocab_size
         cfg.model.vocab_size = resolve_vocab_size(cfg.model, vocab, cfg.parallel.tp)
 
 
@@ -45,7 +46,7 @@ def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, T
     """Train and validation samples: from a blend of prepared datasets when `data.blend` lists
     any (call this once torch.distributed is up: megatron-core's index builder needs it), else
     from the text files in `data.paths`."""
-    tokenizer = build_tokenizer(cfg.tokenizer, root)
+    tokenizer = build_tokenizer(cfg.tokenizer, root, cfg.objective is Objective.mlm)
     if cfg.data.blend:
         # Imported here: megatron-core, which blends use, warns at import about GPU kernels.
         from llmscale.data.blend import build_blended_datasets

@@ -80,9 +80,20 @@ def rank_micro_batches(
         raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}.")
 
     micro_batches: list[tuple[Tensor, Tensor]] = []
-    for step in range(grad_accum_steps):
-        first = consumed_samples + step * micro_batch_size * dp_size + dp_rank * micro_batch_size
-        samples = [dataset[order.dataset_index(first + j)] for j in range(micro_batch_size)]
+    for positions in micro_batch_positions(consumed_samples, micro_batch_size, grad_accum_steps,
+                                           dp_rank, dp_size):
+        samples = [dataset[order.dataset_index(position)] for position in positions]
         input_ids, labels = zip(*samples)
         micro_batches.append((torch.stack(input_ids), torch.stack(labels)))
     return micro_batches
+
+
+def micro_batch_positions(consumed_samples: int, micro_batch_size: int, grad_accum_steps: int,
+                          dp_rank: int, dp_size: int) -> list[range]:
+    """The positions in the global sample order of each of rank `dp_rank`'s micro-batches (see
+    `rank_micro_batches`): a sample's position, unlike its dataset index, differs between
+    epochs and is the same for every layout."""
+    first = consumed_samples + dp_rank * micro_batch_size
+    return [range(first + step * micro_batch_size * dp_size,
+                  first + step * micro_batch_size * dp_size + micro_batch_size)
+            for step in range(grad_accum_steps)]

@@ -197,11 +197,12 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, object]:
     }
 
 
-def build_tokenizer(cfg: TokenizerConfig, root: Path) -> Tokenizer:
-    """The tokenizer `cfg` names; a relative `tokenizer.path` resolves against `root`."""
+def build_tokenizer(cfg: TokenizerConfig, root: Path, masked_lm: bool = False) -> Tokenizer:
+    """The tokenizer `cfg` names; a relative `tokenizer.path` resolves against `root`. For
+    masked-LM training the byte tokenizer reserves its mask id (other kinds define their own)."""
     kind = TokenizerKind(cfg.kind)
     if kind is TokenizerKind.byte:
-        return ByteTokenizer()
+        return ByteTokenizer(with_mask=masked_lm)
     if cfg.path is None:
         if kind is TokenizerKind.huggingface:
             raise ValueError("tokenizer.kind=huggingface needs tokenizer.path set to a "

@@ -110,6 +110,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.causal = cfg.causal
         kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=False)
@@ -118,8 +119,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding,
                 documents: Optional[Documents] = None) -> torch.Tensor:
-        """Causal self-attention over the whole sequence, or, given `documents`, within each
-        document, with RoPE positions counted from each document's start."""
+        """Self-attention over the whole sequence (causal unless the model is an encoder), or,
+        given `documents`, causal within each document, with RoPE positions counted from each
+        document's start."""
         # Head counts are inferred (-1): a tensor-parallel rank holds a share of the heads. The
         # sequence length is read after the projections, which gather a sequence-parallel input.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -131,7 +133,7 @@ class Attention(nn.Module):
             q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
             cos, sin = rope(seq_len, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
             out = out.permute(2, 0, 1, 3)
         else:
             # Batch-major [B, S, heads, d], flattened to the kernels' [B*S, heads, d].

@@ -9,7 +9,7 @@ only, so no document boundary appears or vanishes. Every draw comes from the cal
 generator, so a step's masks depend on the seed alone.
 """
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -45,3 +45,32 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, special_ids: S
     inputs = torch.where(by_random, random_ids, inputs)
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
     return inputs, labels
+
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class MaskedLMBatches:
+    """Turns next-token micro-batches into masked-LM ones: the inputs are corrupted as above,
+    the labels are the originals at the chosen positions, and the shifted next-token labels are
+    dropped. Each sample's draws come from a generator seeded by `seed` and the sample's position
+    in the global order (`llmscale.data.sampler.micro_batch_positions`), so its masks are the
+    same for any data-parallel size, micro-batch size or resume point, and differ between epochs
+    (RoBERTa's dynamic masking)."""
+
+    def __init__(self, mask_id: int, vocab_size: int, special_ids: Sequence[int], seed: int,
+                 rate: float) -> None:
+        self.mask_id, self.vocab_size, self.special_ids = mask_id, vocab_size, special_ids
+        self.seed, self.rate = seed, rate
+
+    def __call__(self, batches: List[Batch], positions: List[Sequence[int]]) -> List[Batch]:
+        return [self._mask(ids, batch_positions)
+                for (ids, _), batch_positions in zip(batches, positions, strict=True)]
+
+    def _mask(self, ids: torch.Tensor, positions: Sequence[int]) -> Batch:
+        rows = [mask_tokens(row, self.mask_id, self.vocab_size, self.special_ids,
+                            torch.Generator().manual_seed(self.seed * 1_000_003 + position),
+                            self.rate)
+                for row, position in zip(ids, positions, strict=True)]
+        inputs, labels = zip(*rows)
+        return torch.stack(inputs), torch.stack(labels)

@@ -16,7 +16,7 @@ from llmscale.parallel.compile import apply_compile
 from llmscale.parallel.expert_parallel import apply_expert_parallel
 from llmscale.parallel.pipeline import build_pipeline, local_stages, pipeline_stages
 from llmscale.parallel.tensor_parallel import (
-    apply_tensor_parallel, local_shard, sum_norm_gradients_over_sequence_shards,
+    apply_tensor_parallel, local_shard, sum_gradients_over_sequence_shards,
 )
 
 
@@ -27,7 +27,7 @@ def parallelize(model: Llama, plan: ParallelPlan,
     draws the values of its own share alone (`model.initial_value`), one parameter at a time,
     and no rank ever holds the whole model. The result holds this rank's share. Needs
     `init_model_parallel`."""
-    if adapter is not None:  # validate() keeps LoRA to plans without tensor or pipeline splits
+    if adapter is not None:
         apply_lora(model, adapter)
     if plan.tp > 1:
         apply_tensor_parallel(model, plan.sequence_parallel)
@@ -43,7 +43,7 @@ def parallelize(model: Llama, plan: ParallelPlan,
         _initialize_shards(local_stages(stages, plan) if plan.pp > 1 else stages, model, plan)
     module = build_pipeline(model, stages, plan) if plan.pp > 1 else model
     if plan.sequence_parallel:
-        sum_norm_gradients_over_sequence_shards(module)
+        sum_gradients_over_sequence_shards(module)
     return module
 
 

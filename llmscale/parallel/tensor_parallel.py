@@ -9,18 +9,23 @@ parallel layers holding this rank's share of the same weights, so any tp gives t
 and the loss becomes megatron's vocabulary-parallel cross-entropy, so full logits never exist.
 With sequence parallelism the residual stream and norms between those regions hold a 1/tp
 slice of the sequence; the norm weights then see only their slice's tokens, so their gradients
-are summed over the tensor-parallel group (`sum_norm_gradients_over_sequence_shards`). A model
+are summed over the tensor-parallel group (`sum_gradients_over_sequence_shards`). LoRA's
+adapters on a projection are split with it (`ColumnParallelLoRA`, `RowParallelLoRA`). A model
 built on the meta device is split the same way and holds no values until
 `llmscale.parallel.parallelize` gives each shard its own.
 """
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
+from llmscale.adapters.lora import LoRALinear
 from llmscale.models.llama import IGNORE_INDEX, Llama, RMSNorm
 
 
@@ -42,6 +47,74 @@ class ColumnParallel(_WithoutExtraState, tensor_parallel.ColumnParallelLinear):
 class RowParallel(_WithoutExtraState, tensor_parallel.RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
+
+
+class _ShardedLoRA:
+    """LoRA's adapters (`llmscale.adapters.lora`) on a tensor-parallel projection, split as the
+    projection is: the adapter beside the projection's split dimension is split with it, the
+    other one is whole on every rank. Each rank's dropout mask is its slice of the mask one
+    process draws for the whole input (the same draws, from the default generator, which every
+    rank seeds alike), so masks agree where the input is replicated and differ where it is
+    split; on the CPU, where torch's dropout draws the same way, the masks are one process's."""
+
+    def take_adapters(self, lora: LoRALinear, split: str, tp: int, rank: int) -> None:
+        """`split`: which adapter ("lora_A" or "lora_B") shares the projection's split."""
+        for name in ("lora_A", "lora_B"):
+            full = getattr(lora, name).weight
+            dim = (1 if name == "lora_A" else 0) if name == split else None
+            shape = list(full.shape)
+            if dim is not None:
+                shape[dim] //= tp
+            # Allocated on the CPU without drawing, as Megatron's layers are: attributes set on
+            # a meta tensor would not survive its `to_empty`.
+            adapter = nn.Linear(shape[1], shape[0], bias=False, device="meta").to_empty(
+                device="cpu")
+            if dim is not None:
+                _copy_shard(adapter.weight, full, dim=dim, rank=rank)
+            else:
+                if self.sequence_parallel:  # whole, but it sees only this rank's tokens
+                    adapter.weight.sequence_parallel = True
+                if not full.is_meta:
+                    with torch.no_grad():
+                        adapter.weight.copy_(full)
+            setattr(self, name, adapter)
+        self.lora_dropout, self.scaling = lora.dropout.p, lora.scaling
+
+    def _dropout(self, x: torch.Tensor, split_dim: Optional[int]) -> torch.Tensor:
+        if not self.training or self.lora_dropout == 0 or split_dim is None:
+            return F.dropout(x, self.lora_dropout, self.training)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        full_shape = list(x.shape)
+        full_shape[split_dim] *= tp
+        keep = torch.empty(full_shape, dtype=x.dtype, device=x.device).bernoulli_(
+            1 - self.lora_dropout)
+        mask = keep.chunk(tp, dim=split_dim)[parallel_state.get_tensor_model_parallel_rank()]
+        return x * mask.div_(1 - self.lora_dropout)
+
+
+class ColumnParallelLoRA(_ShardedLoRA, ColumnParallel):
+    """A whole, B split by output. Under sequence parallelism A runs on this rank's tokens and
+    its narrow output is gathered; otherwise the gradient reaching A is summed over the ranks
+    (each holds part of B), as the projection does for its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = self.lora_A(self._dropout(x, 0 if self.sequence_parallel else None))
+        down = (tensor_parallel.gather_from_sequence_parallel_region(down)
+                if self.sequence_parallel
+                else tensor_parallel.copy_to_tensor_model_parallel_region(down))
+        return super().forward(x) + self.lora_B(down) * self.scaling
+
+
+class RowParallelLoRA(_ShardedLoRA, RowParallel):
+    """A split by input, B whole: A's partial products are summed over the ranks (scattered
+    over the sequence under sequence parallelism) before B, as the projection's outputs are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = self.lora_A(self._dropout(x, x.dim() - 1))
+        down = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(down)
+                if self.sequence_parallel
+                else tensor_parallel.reduce_from_tensor_model_parallel_region(down))
+        return super().forward(x) + self.lora_B(down) * self.scaling
 
 
 class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -71,17 +144,27 @@ def apply_tensor_parallel(model: Llama, sequence_parallel: bool) -> None:
         params_dtype=torch.float32,
     )
 
-    def column(linear: nn.Linear) -> ColumnParallel:
-        parallel = ColumnParallel(linear.in_features, linear.out_features, config=config,
-                                  init_method=nn.init.zeros_, bias=False, gather_output=False)
+    def column(linear: nn.Module) -> ColumnParallel:
+        """`linear`: an `nn.Linear`, or a `LoRALinear` whose adapters are split alike."""
+        out_features, in_features = linear.weight.shape
+        lora = isinstance(linear, LoRALinear)
+        parallel = (ColumnParallelLoRA if lora else ColumnParallel)(
+            in_features, out_features, config=config, init_method=nn.init.zeros_, bias=False,
+            gather_output=False)
         _copy_shard(parallel.weight, linear.weight, dim=0, rank=rank)
+        if lora:
+            parallel.take_adapters(linear, "lora_B", tp, rank)
         return parallel
 
-    def row(linear: nn.Linear) -> RowParallel:
-        parallel = RowParallel(linear.in_features, linear.out_features, config=config,
-                               init_method=nn.init.zeros_, bias=False, input_is_parallel=True,
-                               skip_bias_add=False)
+    def row(linear: nn.Module) -> RowParallel:
+        out_features, in_features = linear.weight.shape
+        lora = isinstance(linear, LoRALinear)
+        parallel = (RowParallelLoRA if lora else RowParallel)(
+            in_features, out_features, config=config, init_method=nn.init.zeros_, bias=False,
+            input_is_parallel=True, skip_bias_add=False)
         _copy_shard(parallel.weight, linear.weight, dim=1, rank=rank)
+        if lora:
+            parallel.take_adapters(linear, "lora_A", tp, rank)
         return parallel
 
     for layer in model.model.layers:
@@ -114,11 +197,12 @@ def local_shard(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
                       dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
 
 
-def sum_norm_gradients_over_sequence_shards(model: nn.Module) -> None:
-    """Under sequence parallelism each rank's norm weights see only its slice of the sequence.
+def sum_gradients_over_sequence_shards(model: nn.Module) -> None:
+    """Under sequence parallelism each rank's norm weights see only its slice of the sequence,
+    as do LoRA's whole adapters (marked `sequence_parallel`, as Megatron marks such weights).
     A hook on the leaf runs before the gradient is accumulated, so DeepSpeed's own hooks (and
     its ZeRO partitioning) see the summed gradient. (After any `to_empty`, which would replace
-    the weights and drop the hooks.)"""
+    the weights and drop the hooks.) Frozen weights (a LoRA run's norms) get no gradient."""
     group = parallel_state.get_tensor_model_parallel_group()
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
@@ -126,9 +210,11 @@ def sum_norm_gradients_over_sequence_shards(model: nn.Module) -> None:
         dist.all_reduce(grad, group=group)
         return grad
 
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.weight.register_hook(all_reduce)
+    norms = {id(module.weight) for module in model.modules() if isinstance(module, RMSNorm)}
+    for param in model.parameters():
+        if param.requires_grad and (id(param) in norms or getattr(param, "sequence_parallel",
+                                                                  False)):
+            param.register_hook(all_reduce)
 
 
 @torch.no_grad()
@@ -136,5 +222,6 @@ def _copy_shard(shard: torch.Tensor, full: torch.Tensor, dim: int, rank: int) ->
     # Megatron marks its shards only when it initialises them itself. DeepSpeed's gradient
     # clipping reads the mark: unmarked weights count as replicated, only tp rank 0's.
     set_tensor_model_parallel_attributes(shard, is_parallel=True, dim=dim, stride=1)
+    shard.requires_grad_(full.requires_grad)  # a LoRA run's base stays frozen
     if not full.is_meta:  # a model built on the meta device gets its values after the split
         shard.copy_(full.chunk(full.shape[dim] // shard.shape[dim], dim=dim)[rank])

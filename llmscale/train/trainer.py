@@ -25,12 +25,17 @@ from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig, Objective
 from llmscale.config.validate import validate
-from llmscale.data import GlobalSampleOrder, document_position_ids, rank_micro_batches
+from llmscale.data import (
+    GlobalSampleOrder, Tokenizer, document_position_ids, rank_micro_batches,
+)
+from llmscale.data.sampler import micro_batch_positions
+from llmscale.data.tokenizer import mask_token_id
 from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
+from llmscale.objectives.masked_lm import MaskedLMBatches
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine
 from llmscale.parallel.parallelize import parallelize
@@ -84,7 +89,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     cfg.model.vocab_size = resolve_vocab_size(cfg.model, tokenizer.vocab_size, plan.tp)
     num_val_batches = _count_validation_batches(val_set, plan, cfg.train.eval_batches)
     train_order = GlobalSampleOrder(len(train_set), cfg.data.seed)
-    val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank)
+    masked_lm = _masked_lm_batches(cfg, tokenizer) if cfg.objective is Objective.mlm else None
+    val_batches = _validation_batches(val_set, plan, num_val_batches, dp_rank, masked_lm)
     resume_source = prepare_resume(resume_from, plan, process.rank) if resume_from else None
     seed_everything(cfg.train.seed)
     model = _build_model(cfg, init_from, tokenizer.eod_id)
@@ -123,7 +129,10 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         for sink in sinks:
             sink.log(state.step, metrics)
 
-    first_val = evaluate(engine, val_batches, process.device) if state.step == 0 else None
+    # The masked-LM accuracy reads whole logits, which one-stage, one-shard plans have.
+    validate_run = partial(evaluate, engine, val_batches, process.device,
+                           masked_lm is not None and plan.tp == plan.pp == 1)
+    first_val = validate_run() if state.step == 0 else None
     if first_val:
         log(first_val)
     last_val = first_val
@@ -131,10 +140,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
 
     last_step = min(cfg.train.max_steps, cfg.train.exit_at_step or cfg.train.max_steps)
     while state.step < last_step:
-        batches = rank_micro_batches(
-            train_set, train_order, state.consumed_samples, plan.micro_batch_size,
-            plan.grad_accum_steps, dp_rank, plan.dp,
-        )
+        batches = _step_batches(train_set, train_order, state.consumed_samples, plan,
+                                plan.grad_accum_steps, dp_rank, masked_lm)
         lr = engine.get_lr()[0]
         start = time.perf_counter()
         loss, anomaly = train_step(engine, batches, process.device, lambda loss: guard.check(
@@ -158,7 +165,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         finished = state.step == last_step
         stopping = stop_file.requested()
         if state.step % cfg.train.eval_interval == 0 or finished:
-            last_val = evaluate(engine, val_batches, process.device)
+            last_val = validate_run()
             log(last_val)
         if (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0) or (
             finished and cfg.checkpoint.save_final
@@ -228,11 +235,34 @@ def _count_validation_batches(val_set: Dataset, plan: ParallelPlan,
 
 
 def _validation_batches(val_set: Dataset, plan: ParallelPlan, num_batches: int,
-                        dp_rank: int):
-    """The same held-out samples at every evaluation and for every data-parallel size."""
+                        dp_rank: int, masked_lm: Optional[MaskedLMBatches]):
+    """The same held-out samples (and masks) at every evaluation and for every data-parallel
+    size."""
     order = GlobalSampleOrder(len(val_set), seed=0, shuffle=False)
-    return rank_micro_batches(val_set, order, 0, plan.micro_batch_size,
-                              num_batches * plan.grad_accum_steps, dp_rank, plan.dp)
+    return _step_batches(val_set, order, 0, plan, num_batches * plan.grad_accum_steps, dp_rank,
+                         masked_lm)
+
+
+def _step_batches(dataset: Dataset, order: GlobalSampleOrder, consumed_samples: int,
+                  plan: ParallelPlan, num_micro_batches: int, dp_rank: int,
+                  masked_lm: Optional[MaskedLMBatches]):
+    """This rank's next micro-batches: next-token pairs, or masked-LM ones."""
+    batches = rank_micro_batches(dataset, order, consumed_samples, plan.micro_batch_size,
+                                 num_micro_batches, dp_rank, plan.dp)
+    if masked_lm is None:
+        return batches
+    return masked_lm(batches, micro_batch_positions(
+        consumed_samples, plan.micro_batch_size, num_micro_batches, dp_rank, plan.dp))
+
+
+def _masked_lm_batches(cfg: LLMScaleConfig, tokenizer: Tokenizer) -> MaskedLMBatches:
+    try:
+        mask_id = mask_token_id(tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"objective=mlm with tokenizer.kind={cfg.tokenizer.kind.value}: "
+                          f"{error}") from None
+    return MaskedLMBatches(mask_id, tokenizer.vocab_size, [tokenizer.eod_id], cfg.data.seed,
+                           cfg.mlm.rate)
 
 
 def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:

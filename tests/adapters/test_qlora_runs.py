@@ -19,9 +19,9 @@ STEPS = 4
 # The tiny experiment with an intermediate size of whole NF4 blocks (6 x 64).
 MODEL = ModelConfig(name="tiny", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=384, vocab_size=320, max_seq_len=256, tie_embeddings=True)
-COMMON = ["adapter=qlora", "adapter.dropout=0", f"model.intermediate_size={MODEL.intermediate_size}",
-          f"train.max_steps={STEPS}", "optim.lr=1e-2", "optim.warmup_steps=1",
-          "checkpoint.interval=0", "train.eval_batches=1"]
+COMMON = ["adapter=qlora", "adapter.dropout=0",
+          f"model.intermediate_size={MODEL.intermediate_size}", f"train.max_steps={STEPS}",
+          "optim.lr=1e-2", "optim.warmup_steps=1", "checkpoint.interval=0", "train.eval_batches=1"]
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,12 @@ def test_mixture_of_experts_export_is_refused_by_name(tmp_path):
         export_hf({}, replace(SMALL, num_experts=4), tmp_path)
 
 
+def test_a_bidirectional_encoder_is_not_exported_as_a_causal_model(tmp_path):
+    with pytest.raises(ValueError, match="bidirectional encoder .model.causal=false"):
+        export_hf({}, replace(SMALL, causal=False), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_sharded_export_loads_in_transformers_and_imports_back(tmp_path):
     model = random_llama(SMALL)
     state_dict = model.state_dict()

@@ -19,9 +19,14 @@ def test_every_bad_adapter_value_is_named_in_one_error():
         assert named in message, message
 
 
+def test_lora_composes_with_tensor_and_pipeline_parallelism():
+    validate(load_config(BASE + ["adapter=lora", "parallel.tp=2",
+                                 "parallel.sequence_parallel=true"]), 2)
+    validate(load_config(BASE + ["adapter=lora", "parallel.pp=2", "model.tie_embeddings=false"]),
+             2)
+
+
 def test_plans_lora_does_not_support_yet_are_refused():
-    assert "parallel.tp=2 / parallel.pp=1: set both to 1" in config_error(
-        ["adapter=lora", "parallel.tp=2"], 2)
     assert "parallel.zero_stage 0, 1 or 2" in config_error(
         ["adapter=lora", "parallel.zero_stage=3"], 2)
     assert "model.num_experts=4" in config_error(

@@ -1,5 +1,5 @@
-"""The `objective` and `dpo` settings: bad values are named with the fix, and an objective the
-loop does not train yet is refused rather than silently trained as causal."""
+"""The `objective`, `dpo` and `mlm` settings: bad values are named with the fix, and an
+objective the loop does not train yet is refused rather than silently trained as causal."""
 
 from llmscale.config import load_config, validate
 from test_validate import BASE, config_error
@@ -26,8 +26,17 @@ def test_label_smoothing_is_refused_for_losses_without_it():
         ["objective=dpo", "dpo.loss=simpo", "dpo.label_smoothing=0.1"], 2)
 
 
-def test_masked_lm_is_refused_until_the_loop_trains_it():
-    assert "objective=mlm is not trained by this build yet" in config_error(["objective=mlm"], 2)
+def test_masked_lm_needs_a_bidirectional_model_without_document_attention():
+    validate(load_config(BASE + ["objective=mlm", "model.causal=false"]), 2)
+    message = config_error(["objective=mlm", "data.document_attention=true", "mlm.rate=1.5"], 2)
+    for named in ("objective=mlm trains a bidirectional encoder: set model.causal=false",
+                  "data.document_attention=true", "mlm.rate=1.5 must lie in (0, 1)"):
+        assert named in message, message
+
+
+def test_a_bidirectional_model_is_refused_for_next_token_prediction():
+    assert "model.causal=false (bidirectional attention) with objective=causal" in config_error(
+        ["model.causal=false"], 2)
 
 
 def test_dpo_settings_are_ignored_for_the_causal_objective():

@@ -333,7 +333,7 @@ def test_plan_describes_itself() -> None:
 EXPERIMENT_SCALES = [("tiny", "tiny", 1, 1, 2), ("125m", "125m", 8, 8, 4), ("1b", "1b", 8, 8, 16),
                      ("1_3b", "1_3b", 8, 8, 4),
                      ("7b", "7b", 8, 8, 128), ("13b", "13b", 16, 8, 128), ("70b", "70b", 64, 2, 512),
-                     ("continued_smollm2", "smollm2_135m", 2, 2, 1)]
+                     ("continued_smollm2", "smollm2_135m", 2, 2, 1), ("mlm_tiny", "tiny", 2, 2, 1)]
 
 
 @pytest.mark.parametrize(("experiment", "model", "world_size", "dp", "accum"), EXPERIMENT_SCALES)

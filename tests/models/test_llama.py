@@ -233,3 +233,16 @@ def test_rope_tables_are_cast_once_and_follow_the_model() -> None:
     cos64, _ = rope(16, torch.bfloat16)
     assert cos64.data_ptr() != cos.data_ptr()
     assert torch.equal(cos64, rope.cos[:16].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_only_an_encoder_lets_a_later_token_change_an_earlier_output(causal: bool) -> None:
+    torch.manual_seed(0)
+    model = Llama(replace(ModelConfig(vocab_size=64), causal=causal)).eval()
+    ids = torch.randint(64, (1, 16))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 64
+    with torch.no_grad():
+        first, second = model(ids), model(changed)
+    assert not torch.equal(first[0, -1], second[0, -1])
+    assert torch.equal(first[0, :-1], second[0, :-1]) is causal

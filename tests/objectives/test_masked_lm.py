@@ -4,7 +4,8 @@ replacements ordinary, and the same masks for the same seed."""
 import pytest
 import torch
 
-from llmscale.objectives.masked_lm import IGNORE_INDEX, mask_tokens
+from llmscale.data.sampler import micro_batch_positions
+from llmscale.objectives.masked_lm import IGNORE_INDEX, MaskedLMBatches, mask_tokens
 
 VOCAB, MASK, EOD, PAD = 1000, 999, 998, 0
 
@@ -61,3 +62,27 @@ def test_the_same_seed_gives_the_same_masks_and_another_seed_others():
 def test_a_rate_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="mask rate must lie in"):
         mask_tokens(corpus()[:1], MASK, VOCAB, [EOD], torch.Generator(), rate=1.5)
+
+
+def test_a_samples_masks_depend_on_its_position_not_on_the_layout():
+    """One global batch of 8 samples as 1 rank x 4 micro-batches of 2, and as 2 ranks x 1
+    micro-batch of 4: each sample gets the same inputs and labels."""
+    samples = corpus()[:8, :64]
+    masked_lm = MaskedLMBatches(MASK, VOCAB, [EOD, PAD], seed=3, rate=0.15)
+
+    def by_sample(micro_batch_size, accumulation, ranks):
+        found = {}
+        for rank in range(ranks):
+            positions = micro_batch_positions(8, micro_batch_size, accumulation, rank, ranks)
+            batches = [(samples[[p - 8 for p in batch]], None) for batch in positions]
+            for batch, (inputs, labels) in zip(positions, masked_lm(batches, positions)):
+                found.update({p: (inputs[i], labels[i]) for i, p in enumerate(batch)})
+        return found
+
+    one_rank, two_ranks = by_sample(2, 4, 1), by_sample(4, 1, 2)
+    assert sorted(one_rank) == sorted(two_ranks) == list(range(8, 16))
+    for position in one_rank:
+        assert all(torch.equal(a, b) for a, b in zip(one_rank[position], two_ranks[position]))
+    # Another epoch (position) of the same sample draws other masks.
+    again = masked_lm([(samples[:1], None)], [[16]])[0]
+    assert not torch.equal(again[1][0], one_rank[8][1])
