@@ -19,7 +19,8 @@ LAYERS = [
     ("models", "data"),
     ("optim", "prep", "objectives"),
     ("parallel",),
-    ("checkpoint", "eval"),
+    ("checkpoint",),
+    ("eval",),
     ("train",),
     ("bench",),
 ]

@@ -16,6 +16,7 @@ COMMANDS = {
     "llmscale-convert": ("llmscale.checkpoint.cli:main", "tools/convert_checkpoint.py"),
     "llmscale-plan": ("llmscale.parallel.cli:main", "tools/plan.py"),
     "llmscale-bench": ("llmscale.bench.cli:main", "tools/bench.py"),
+    "llmscale-evaluate": ("llmscale.eval.cli:main", "tools/evaluate.py"),
 }
 
 

@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 # The bundled files and their titles, as a model would be asked to write them.
 TITLES = {
@@ -39,9 +39,9 @@ class Speech:
     text: str
 
 
-def speeches(play: Path, title: str, min_chars: int = 40) -> Iterator[Speech]:
-    """The speeches of `play` with at least `min_chars` characters, cut at a line end near
-    `MAX_SPEECH_CHARS` (stage directions in brackets left out)."""
+def speech_lines(play: Path) -> Iterator[Tuple[str, List[str]]]:
+    """Each speech of `play` in order: its speaker and its lines, stripped, stage directions in
+    brackets left out."""
     for block in re.split(r"\n\s*\n", play.read_text(encoding="utf-8")):
         lines = [line.strip() for line in block.strip().splitlines()]
         if len(lines) < 2 or not _SPEAKER.match(lines[0]):
@@ -49,10 +49,17 @@ def speeches(play: Path, title: str, min_chars: int = 40) -> Iterator[Speech]:
         speaker = lines[0].rstrip(".")
         if speaker.upper() in _NOT_SPEAKERS or speaker.split()[0].upper() in _NOT_SPEAKERS:
             continue
+        spoken = [line for line in lines[1:] if not line.startswith("[")]
+        if spoken:
+            yield speaker, spoken
+
+
+def speeches(play: Path, title: str, min_chars: int = 40) -> Iterator[Speech]:
+    """The speeches of `play` with at least `min_chars` characters, cut at a line end near
+    `MAX_SPEECH_CHARS` (stage directions in brackets left out)."""
+    for speaker, lines in speech_lines(play):
         text = ""
-        for line in lines[1:]:
-            if line.startswith("["):
-                continue
+        for line in lines:
             if text and len(text) + len(line) > MAX_SPEECH_CHARS:
                 break
             text = f"{text} {line}".strip()

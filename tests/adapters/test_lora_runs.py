@@ -13,6 +13,7 @@ from llmscale.adapters.lora import apply_lora, is_adapter
 from llmscale.checkpoint.checkpointer import find_latest_checkpoint
 from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
 from llmscale.checkpoint.peft_export import adapter_config_of, without_adapters
+from llmscale.eval.model_source import load_model
 from llmscale.models import Llama
 
 STEPS = 4
@@ -92,6 +93,18 @@ def test_peft_and_merged_exports_give_llmscale_logits(lora_run, tmp_path, capsys
     assert (logits(adapted, vocab) - expected).abs().max() < 1e-4
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (logits(merged, vocab) - expected).abs().max() < 1e-4
+
+
+def test_evaluation_loads_a_lora_run_with_its_adapters_merged(lora_run):
+    step_dir, saved = saved_weights(lora_run)
+    ours = Llama(model_config_of(step_dir)).eval()
+    apply_lora(ours, adapter_config_of(step_dir))
+    ours.load_state_dict(saved, strict=True)
+    loaded = load_model(lora_run)
+    assert loaded.origin == step_dir
+    assert not any(is_adapter(name) for name in loaded.model.state_dict())
+    vocab = ours.cfg.vocab_size
+    assert (logits(loaded.model, vocab) - logits(ours, vocab)).abs().max() < 1e-5
 
 
 def test_adapter_export_of_a_run_without_adapters_is_refused(tmp_path):

@@ -1,0 +1,133 @@
+"""Evaluate a model: held-out perplexity, multiple choice by likelihood, exact match of greedy
+answers. The model is a run folder (its newest complete checkpoint; a LoRA run with its adapters
+merged), a checkpoint step folder, an llmscale weights folder or a Hugging Face Llama folder.
+
+    python tools/evaluate.py perplexity runs/tiny --data data/shakespeare/tempest.txt
+    python tools/evaluate.py choice runs/tiny --examples data/eval/next_line.jsonl --delimiter ''
+    python tools/evaluate.py exact-match hf/smollm2-135m --examples quiz/heldout.jsonl --limit 8
+
+Examples are split over the ranks of `torchrun --nproc_per_node N tools/evaluate.py ...` and the
+results gathered: any N gives the same results as one process. Rank 0 prints a summary and
+writes the results to --output as JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Optional[list]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", type=Path, help="a run, step, llmscale weights or HF folder")
+    common.add_argument("--tokenizer", default=None,
+                        help="'byte', a SentencePiece .model or a tokenizer.json (default: the "
+                             "one beside the weights, or the run's)")
+    common.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    common.add_argument("--device", default="auto", help="'cpu', 'cuda' (default: a GPU if any)")
+    common.add_argument("--dtype", choices=DTYPES, default="float32")
+    tasks = parser.add_subparsers(dest="task", required=True)
+    perplexity = tasks.add_parser("perplexity", parents=[common],
+                                  help="held-out loss and perplexity")
+    perplexity.add_argument("--data", nargs="+", required=True,
+                            help="text files, folders or globs, or a prepared dataset folder")
+    perplexity.add_argument("--seq-len", type=int, default=0,
+                            help="tokens per window (default: the model's max_seq_len)")
+    perplexity.add_argument("--batch-size", type=int, default=4)
+    perplexity.add_argument("--max-windows", type=int, default=0, help="0: every window")
+    choice = tasks.add_parser("choice", parents=[common],
+                              help="multiple choice by log-likelihood (acc, acc_norm)")
+    choice.add_argument("--examples", type=Path, required=True,
+                        help='JSONL of {"context", "choices", "label"}')
+    choice.add_argument("--delimiter", default=" ",
+                        help="text between context and each choice (default: one space)")
+    choice.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
+    exact = tasks.add_parser("exact-match", parents=[common],
+                             help="greedy answers compared with the expected ones")
+    exact.add_argument("--examples", type=Path, required=True,
+                       help='JSONL of {"prompt", "answer"}')
+    exact.add_argument("--max-new-tokens", type=int, default=32)
+    exact.add_argument("--no-chat-template", action="store_true",
+                       help="give prompts as they are, even to a tokenizer with a chat template")
+    exact.add_argument("--contains", action="store_true",
+                       help="also count an answer found within the generation")
+    exact.add_argument("--first-line", action="store_true",
+                       help="compare only the first non-empty line of each generation")
+    exact.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Dict:
+    from llmscale.eval.model_source import load_model
+    from llmscale.eval.ranks import start_ranks
+
+    ranks = start_ranks(args.device)
+    started = time.perf_counter()
+    loaded = load_model(args.model, args.tokenizer, ranks.device, DTYPES[args.dtype])
+    loaded_at = time.perf_counter()
+    if args.task == "perplexity":
+        from llmscale.eval.perplexity import evaluate_perplexity, token_stream
+
+        results = evaluate_perplexity(loaded, token_stream(args.data, loaded.tokenizer), ranks,
+                                      args.seq_len, args.batch_size, args.max_windows)
+        source = " ".join(args.data)
+    elif args.task == "choice":
+        from llmscale.eval.multiple_choice import evaluate_choices, read_choices
+
+        results = evaluate_choices(loaded, read_choices(args.examples, args.limit), ranks,
+                                   args.delimiter)
+        source = str(args.examples)
+    else:
+        from llmscale.eval.exact_match import evaluate_exact_match, read_questions
+
+        results = evaluate_exact_match(loaded, read_questions(args.examples, args.limit), ranks,
+                                       args.max_new_tokens, not args.no_chat_template,
+                                       args.contains, args.first_line)
+        source = str(args.examples)
+    timing = results.pop("timing", {})
+    timing.update(load_seconds=round(loaded_at - started, 3),
+                  eval_seconds=round(time.perf_counter() - loaded_at, 3),
+                  world_size=ranks.world_size)
+    report = {"task": args.task, "model": str(loaded.origin), "data": source, **results,
+              "timing": timing}
+    if ranks.is_main:
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(summary(report))
+    return report
+
+
+def summary(report: Dict) -> str:
+    metrics = ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+                        for name, value in report["metrics"].items())
+    timing = report["timing"]
+    return (f"{report['task']} of {report['model']} on {report['data']}: {metrics} "
+            f"(loaded in {timing['load_seconds']:.1f} s, evaluated in "
+            f"{timing['eval_seconds']:.1f} s on {timing['world_size']} rank(s))")
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("LLMSCALE_TRACEBACK"):
+            raise
+        print(f"error: {error}\n(set LLMSCALE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
