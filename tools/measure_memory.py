@@ -1,6 +1,6 @@
 """Measured peak memory of a training step against llmscale/parallel/memory_plan.py's estimate.
 
-    python tools/measure_memory.py [--quick] [--tensor-parallel]
+    python tools/measure_memory.py [--quick] [--tensor-parallel | --adapters]
 
 For each model, sequence length, micro-batch and activation checkpointing mode of a small
 matrix, one process runs a torch AdamW step (forward, backward, clipping, step) of the Llama
@@ -15,6 +15,8 @@ starts itself on 2 ranks under torchrun (or runs under yours), each rank builds 
 the same seed and measures its share (Megatron's layers, plain torch AdamW, as above), and the
 rank that measures the most is compared with the estimate of that plan. Takes a few minutes on
 2 cores; --quick runs the first 5 rows (the tiny model's).
+--adapters compares fine-tuning every weight with LoRA and QLoRA (rank 8 on every projection):
+the tiny model and SmolLM2-135M's shape, seq 256, fp32; --quick the tiny model's rows.
 """
 
 import argparse
@@ -37,7 +39,9 @@ from llmscale.bench.measured_memory import (  # noqa: E402
     check_estimate,
     check_parallel_estimate,
 )
-from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision  # noqa: E402
+from llmscale.config.schema import (  # noqa: E402
+    ActivationCheckpointing, AdapterConfig, AdapterKind, ModelConfig, Precision,
+)
 
 MiB = 2**20
 TP = 2
@@ -54,6 +58,19 @@ DEEP = ModelConfig(name="deep", hidden_size=128, num_layers=8, num_heads=4, num_
 # A narrow MLP (i = h): the norms' backward, not SwiGLU's, is a layer's fullest at tp 2.
 SQUAT = ModelConfig(name="squat", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
                     intermediate_size=256, vocab_size=1024, max_seq_len=512)
+# The tiny model with an intermediate size of whole NF4 blocks, and SmolLM2-135M's shape
+# (conf/model/smollm2_135m.yaml), fine-tuned whole, with LoRA and with QLoRA (--adapters).
+TINY_NF4 = ModelConfig(name="tiny", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=384, vocab_size=320, max_seq_len=512,
+                       tie_embeddings=True)
+SMOLLM2 = ModelConfig(name="smol", hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                      intermediate_size=1536, vocab_size=49152, max_seq_len=512,
+                      rope_theta=100000.0, tie_embeddings=True)
+ADAPTERS = {"full": None,
+            "lora": AdapterConfig(kind=AdapterKind.lora, rank=8, alpha=16.0, dropout=0.0),
+            "qlora": AdapterConfig(kind=AdapterKind.qlora, rank=8, alpha=16.0, dropout=0.0)}
+ADAPTER_MATRIX = [(model, seq, micro, kind) for model, seq, micro in
+                  [(TINY_NF4, 256, 8), (SMOLLM2, 256, 2)] for kind in ADAPTERS]
 MODES = list(ActivationCheckpointing)
 MATRIX = (
     [(TINY, 256, 8, mode, Precision.fp32) for mode in MODES]
@@ -126,6 +143,24 @@ def single_process(quick: bool) -> int:
     return 0
 
 
+def adapter_rows(quick: bool) -> int:
+    """Fine-tuning every weight, LoRA and QLoRA (rank 8, all projections), fp32, no
+    checkpointing; the states column: weights (NF4 for QLoRA's base) and AdamW state."""
+    print(method_check())
+    print(f"{'train':<6} {header(False)} | {'states est':>10} {'meas':>8}")
+    print("-" * (len(header(False)) + 28))
+    worst = 0.0
+    mode = ActivationCheckpointing.none
+    for model, seq, micro, kind in ADAPTER_MATRIX[:3] if quick else ADAPTER_MATRIX:
+        check = check_estimate(model, seq, micro, mode, Precision.fp32, ADAPTERS[kind])
+        worst = max(worst, abs(check.error))
+        states = check.estimate.parameters + check.estimate.optimizer
+        print(f"{kind:<6} {row(check, model, seq, micro, mode, Precision.fp32)} | "
+              f"{states / MiB:>10.2f} {check.measured.states / MiB:>8.2f}", flush=True)
+    print(f"worst error of the peaks: {worst:.1%}")
+    return 0
+
+
 def tensor_parallel(quick: bool) -> int:
     """On every rank of torchrun's TP ranks; rank 0 prints."""
     import torch.distributed as dist
@@ -170,7 +205,12 @@ def main(argv) -> int:
                         help="only the first rows (the tiny model's)")
     parser.add_argument("--tensor-parallel", action="store_true",
                         help=f"tp {TP} rows, on {TP} ranks (starts them under torchrun)")
+    parser.add_argument("--adapters", action="store_true",
+                        help="full fine-tuning against LoRA and QLoRA: the tiny model and "
+                             "SmolLM2-135M's shape")
     args = parser.parse_args(argv)
+    if args.adapters:
+        return adapter_rows(args.quick)
     if not args.tensor_parallel:
         return single_process(args.quick)
     if "LOCAL_RANK" not in os.environ:

@@ -5,6 +5,11 @@ and `A` [rank, in], `B` [out, rank] trained. The wrapper keeps the frozen weight
 name (`...q_proj.weight`) and adds `...q_proj.lora_A.weight` and `...q_proj.lora_B.weight`:
 checkpoints, HF exports and the name-seeded initialisation of the base see the names they know,
 and the adapters' names are PEFT's once prefixed with `base_model.model.`.
+
+QLoRA (Dettmers et al. 2023) is the same layer with the frozen weight held in NF4
+(`QLoRALinear`), a buffer left out of the state dict: checkpoints hold no copy of it, and a
+start or a resume quantises it again from the base weights (`train.init_from`, or the seeded
+initial values).
 """
 
 import math
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmscale.adapters import nf4
 from llmscale.config.schema import AdapterConfig, AdapterKind
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
@@ -28,16 +34,51 @@ class LoRALinear(nn.Module):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linear layers (Llama's projections)")
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        self.freeze(base.weight)
         device = base.weight.device
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
 
+    def freeze(self, weight: nn.Parameter) -> None:
+        self.weight = weight
+        self.weight.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+class QLoRALinear(LoRALinear):
+    """LoRALinear whose frozen weight is stored in NF4 and dequantised, to the input's dtype,
+    for each product (`F.linear` on an NF4 tensor). On the meta device the weight stays a
+    placeholder until `quantize_base` gets its values."""
+
+    def freeze(self, weight: nn.Parameter) -> None:
+        stored = weight.detach() if weight.is_meta else nf4.quantize(weight)
+        self.register_buffer("weight", stored, persistent=False)
+
+    def quantize_base(self, weight: torch.Tensor) -> None:
+        self.weight = nf4.quantize(weight)
+
+    def _apply(self, fn, recurse=True):
+        """Moves keep the weight in NF4; a cast (the engine's `.bfloat16()`, which would
+        otherwise leave it dequantised) quantises it again in the new dtype."""
+        weight = self._buffers["weight"]
+        if weight.is_meta or not nf4.is_quantized(weight):
+            return super()._apply(fn, recurse)
+        del self._buffers["weight"]
+        super()._apply(fn, recurse)
+        moved = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        if moved.dtype == weight.dtype:
+            self._buffers["weight"] = weight.to(moved.device)
+        else:
+            self._buffers["weight"] = nf4.quantize(
+                nf4.dequantize(weight).to(moved.device, moved.dtype))
+        return self
+
+
+LAYERS = {AdapterKind.lora: LoRALinear, AdapterKind.qlora: QLoRALinear}
 
 
 def is_adapter(name: str) -> bool:
@@ -55,10 +96,11 @@ def lora_initial_value(name: str, shape: Sequence[int],
 
 
 def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
-    """Freeze every weight of `model` (a `Llama`) and wrap its target projections. On the meta
-    device the adapters stay shapes for `parallelize` to fill; otherwise they get their initial
-    values here, from `model.initial_value`, the same under any layout."""
-    if cfg.kind is not AdapterKind.lora:
+    """Freeze every weight of `model` (a `Llama`) and wrap its target projections (in
+    `QLoRALinear` for `adapter.kind=qlora`). On the meta device the adapters (and QLoRA's
+    frozen bases) stay shapes for `parallelize` to fill; otherwise they get their initial values
+    here, from `model.initial_value`, the same under any layout."""
+    if cfg.kind not in LAYERS:
         return
     model.requires_grad_(False)
     targets = set(cfg.target_modules)
@@ -67,7 +109,8 @@ def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
         parent_name, _, attribute = name.rpartition(".")
         if attribute in targets and type(module) is nn.Linear:
             parent = model.get_submodule(parent_name)
-            setattr(parent, attribute, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout))
+            layer = LAYERS[cfg.kind](module, cfg.rank, cfg.alpha, cfg.dropout)
+            setattr(parent, attribute, layer)
             wrapped += 1
     if not wrapped:
         raise ValueError(f"adapter.target_modules={list(cfg.target_modules)} matched no plain "
@@ -76,6 +119,15 @@ def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
         for name, param in model.named_parameters():
             if is_adapter(name) and not param.is_meta:
                 param.copy_(model.initial_value(name, param.shape))
+
+
+def quantize_initial_bases(model: nn.Module) -> None:
+    """The frozen NF4 weights of QLoRA layers built on the meta device, from their seeded
+    initial values (`model.initial_value`, the base's own name), one at a time."""
+    for name, module in model.named_modules():
+        if isinstance(module, QLoRALinear) and not nf4.is_quantized(module.weight):
+            weight = f"{name}.weight"
+            module.quantize_base(model.initial_value(weight, module.weight.shape))
 
 
 def merge_adapters(state_dict: Dict[str, torch.Tensor],
@@ -100,7 +152,9 @@ def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def describe_trainable(model: nn.Module) -> str:
     # (Under tensor parallelism the wrapped projections are Megatron's, adapted alike.)
     wrapped = sum(hasattr(module, "lora_A") for module in model.modules())
+    quantized = [module.weight for module in model.modules() if isinstance(module, QLoRALinear)]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return (f"LoRA on {wrapped} projections: {trainable:,} of {total:,} parameters train "
+    total = sum(p.numel() for p in [*model.parameters(), *quantized])
+    kind = "QLoRA (NF4 base)" if quantized else "LoRA"
+    return (f"{kind} on {wrapped} projections: {trainable:,} of {total:,} parameters train "
             f"({100 * trainable / total:.2f}%)")

@@ -13,8 +13,9 @@ import torch.distributed as dist
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from llmscale.adapters.lora import apply_lora
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import ActivationCheckpointing, ModelConfig, Precision
+from llmscale.config.schema import ActivationCheckpointing, AdapterConfig, ModelConfig, Precision
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.memory_plan import MemoryEstimate, estimate
@@ -100,11 +101,20 @@ class AllocationTrace:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once)."""
+    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once; a
+    tensor subclass made of inner tensors, as QLoRA's NF4 weights are, by those)."""
     storages = {}
-    for tensor in tensors:
+
+    def add(tensor: torch.Tensor) -> None:
+        if hasattr(tensor, "__tensor_flatten__"):
+            for name in tensor.__tensor_flatten__()[0]:
+                add(getattr(tensor, name))
+            return
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
+
+    for tensor in tensors:
+        add(tensor)
     return sum(storages.values())
 
 
@@ -172,11 +182,16 @@ def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def measure_llama_step(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
                        checkpointing: ActivationCheckpointing,
-                       dtype: torch.dtype = torch.float32, seed: int = 0) -> StepMemory:
+                       dtype: torch.dtype = torch.float32, seed: int = 0,
+                       adapter: Optional[AdapterConfig] = None) -> StepMemory:
     """`measure_training_step` of `Llama(model_cfg)` with `checkpointing`, torch AdamW
-    (foreach, as on GPUs), in `dtype`, on a micro-batch of random token ids."""
+    (foreach, as on GPUs), in `dtype`, on a micro-batch of random token ids; with `adapter`
+    (LoRA, QLoRA) applied, training the adapters only."""
     torch.manual_seed(seed)
     model = Llama(model_cfg).to(dtype)
+    if adapter is not None:
+        apply_lora(model, adapter)
+        model.to(dtype)  # the adapters, made in the default dtype
     apply_activation_checkpointing(model, checkpointing)
     return measure_training_step(*_optimizer_and_loss(model, model_cfg, micro_batch, seq_len))
 
@@ -185,7 +200,8 @@ def _optimizer_and_loss(model: torch.nn.Module, model_cfg: ModelConfig, micro_ba
                         seq_len: int):
     """torch AdamW (foreach, as on GPUs) and the loss of a micro-batch of random token ids,
     drawn from the generator as it stands (the same on every rank after the same seed)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    trained = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, foreach=True)
     input_ids = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
     labels = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
     return model, optimizer, lambda: model(input_ids, labels)
@@ -221,15 +237,17 @@ class EstimateCheck:
 
 def check_estimate(model_cfg: ModelConfig, seq_len: int, micro_batch: int,
                    checkpointing: ActivationCheckpointing,
-                   precision: Precision = Precision.fp32) -> EstimateCheck:
+                   precision: Precision = Precision.fp32,
+                   adapter: Optional[AdapterConfig] = None) -> EstimateCheck:
     """Measure one step on CPU and estimate it. In bf16 the peaks do not compare: torch AdamW on
     a bf16 model keeps bf16 moments, not the fp32 master weights and moments the estimate
     counts, and its step's temporary is bf16 too; the activations do, and so does the step
     beyond the states where its fullest moment is in the backward pass."""
     plan = _measured_plan(1, micro_batch, False, checkpointing)
     measured = measure_llama_step(model_cfg, seq_len, micro_batch, checkpointing,
-                                  _dtype(precision))
-    return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing), measured)
+                                  _dtype(precision), adapter=adapter)
+    return EstimateCheck(estimate(model_cfg, plan, seq_len, precision, checkpointing, adapter),
+                         measured)
 
 
 def measure_parallel_llama_step(model_cfg: ModelConfig, plan: ParallelPlan, seq_len: int,

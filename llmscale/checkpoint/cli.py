@@ -3,9 +3,11 @@
     python tools/convert_checkpoint.py to-hf runs/tiny hf/tiny
         the newest complete checkpoint of a run (or one step_N folder) -> an HF Llama folder;
         of a LoRA run, its frozen base, or with --merge the base with the adapters folded in
+        (not of a QLoRA run: its checkpoints hold no base, and its adapters fit the NF4 one)
     python tools/convert_checkpoint.py to-peft runs/tiny_lora peft/tiny_lora
-        a LoRA run's adapters -> a PEFT folder (adapter_config.json + adapter_model.safetensors)
-        that peft.PeftModel.from_pretrained loads onto the to-hf export of its base
+        a LoRA or QLoRA run's adapters -> a PEFT folder (adapter_config.json +
+        adapter_model.safetensors) that peft.PeftModel.from_pretrained loads onto the to-hf
+        export of its base
     python tools/convert_checkpoint.py from-hf hf/SmolLM2-135M weights/smollm2
         an HF Llama folder -> an llmscale weights folder (model.safetensors + model.yaml) to
         start a run from
@@ -95,9 +97,10 @@ def resolve_checkpoint(source: Path) -> Path:
 def to_hf(args: argparse.Namespace) -> str:
     from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
     from llmscale.checkpoint.hf import export_hf
-    from llmscale.checkpoint.peft_export import merged, without_adapters
+    from llmscale.checkpoint.peft_export import check_hf_export, merged, without_adapters
 
     step_dir = resolve_checkpoint(args.source)
+    check_hf_export(step_dir, args.merge)
     model_cfg = model_config_of(step_dir)
     start = time.perf_counter()
     state_dict = consolidated_state_dict(step_dir)
@@ -125,7 +128,8 @@ def to_peft(args: argparse.Namespace) -> str:
     adapter_cfg = adapter_config_of(step_dir)
     export_peft(consolidated_state_dict(step_dir), adapter_cfg, args.out_dir,
                 base_model=args.base_model, dtype=DTYPES[args.dtype])
-    return (f"{step_dir} -> {args.out_dir} (LoRA rank {adapter_cfg.rank}, alpha "
+    kind = "QLoRA" if adapter_cfg.kind.value == "qlora" else "LoRA"
+    return (f"{step_dir} -> {args.out_dir} ({kind} rank {adapter_cfg.rank}, alpha "
             f"{adapter_cfg.alpha:g}, on {', '.join(adapter_cfg.target_modules)})")
 
 

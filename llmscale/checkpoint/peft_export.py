@@ -17,12 +17,32 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 
 def adapter_config_of(step_dir: Path) -> AdapterConfig:
-    """The adapter settings a checkpoint was trained with; an error unless it trained LoRA."""
+    """The adapter settings a checkpoint was trained with; an error unless it trained LoRA or
+    QLoRA."""
     cfg = saved_settings(step_dir, "adapter", AdapterConfig, required=False)
-    if cfg.kind is not AdapterKind.lora:
+    if cfg.kind is AdapterKind.none:
         raise ValueError(f"{step_dir} was trained without adapters (adapter.kind="
                          f"{cfg.kind.value}): export it with to-hf alone")
     return cfg
+
+
+def check_hf_export(step_dir: Path, merge: bool) -> None:
+    """A QLoRA checkpoint has no base weights to export: they are the run's `train.init_from`
+    (its NF4 copy is never saved), and the adapters were fitted to the NF4-rounded base, so
+    folding them into either the original weights or the rounded ones gives another model."""
+    cfg = saved_settings(step_dir, "adapter", AdapterConfig, required=False)
+    if cfg.kind is not AdapterKind.qlora:
+        return
+    if merge:
+        raise ValueError(
+            f"{step_dir} trained QLoRA adapters against an NF4-rounded base: merged into the "
+            "original weights they compute another model, and the rounded weights are no "
+            "checkpoint's; export the adapters with to-peft and load them on the base"
+        )
+    raise ValueError(
+        f"{step_dir} is a QLoRA run's: it holds the adapters, not the frozen base, which is the "
+        "run's train.init_from folder; export the adapters with to-peft"
+    )
 
 
 def without_adapters(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

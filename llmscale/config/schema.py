@@ -43,6 +43,8 @@ class AdapterKind(str, Enum):
     none = "none"
     # Freeze the base; train low-rank adapters on the target projections (Hu et al. 2021).
     lora = "lora"
+    # LoRA on a frozen base stored in 4-bit NF4 (Dettmers et al. 2023); needs torchao.
+    qlora = "qlora"
 
 
 class Objective(str, Enum):
@@ -186,6 +188,8 @@ class OptimConfig:
 
 # The projections of a Llama layer, by their Hugging Face names.
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# QLoRA's NF4 block: weights per 4-bit code's absmax scale.
+NF4_BLOCK_SIZE = 64
 
 
 @dataclass

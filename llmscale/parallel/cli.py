@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from llmscale.config import load_config, validate
 from llmscale.config.load import ConfigError
-from llmscale.config.schema import ActivationCheckpointing
+from llmscale.config.schema import ActivationCheckpointing, AdapterKind, LLMScaleConfig
 from llmscale.data.build import fill_in_vocab_size
 from llmscale.models import count_parameters
 from llmscale.parallel.memory_plan import (
@@ -59,11 +59,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     device_bytes = args.gpu_memory * GiB
     recompute = (ActivationCheckpointing(args.activation_checkpointing)
                  if args.activation_checkpointing else plan.activation_checkpointing)
-    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, recompute)
+    memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, recompute,
+                      cfg.adapter)
     budget = (1 - MARGIN) * args.gpu_memory
     verdict = "fits" if memory.fits(device_bytes) else "does NOT fit"
     print(f"experiment {cfg.name}: {count_parameters(cfg.model) / 1e9:.2f}B parameters, "
-          f"seq_len {cfg.data.seq_len}, {cfg.train.precision.value}")
+          f"seq_len {cfg.data.seq_len}, {cfg.train.precision.value}" + _adapter_note(cfg))
     described = replace(plan, activation_checkpointing=ActivationCheckpointing.none).describe()
     print(f"plan: {described}, activation checkpointing {recompute.value}")
     print(f"per device (pipeline stage {memory.stage}, the fullest), GiB:")
@@ -75,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           "allocator fragmentation, workspaces, CUDA context and NCCL buffers)")
     # Under 1F1B, stage i of pp holds pp - i micro-batches' activations at once.
     in_flight = plan.pp - memory.stage
-    per_mode = {mode: estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, mode)
+    per_mode = {mode: estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision, mode,
+                               cfg.adapter)
                 for mode in ActivationCheckpointing}
     per_micro_batch = ", ".join(f"{mode.value} {each.activations / in_flight / GiB:.2f}"
                                 for mode, each in per_mode.items())
@@ -94,6 +96,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  {p.tp:>3} {p.pp:>3} {p.dp:>4} {p.zero_stage:>4} {option.recompute.value:<9} "
               + _row(option.estimate))
     return 0
+
+
+def _adapter_note(cfg: LLMScaleConfig) -> str:
+    adapter = cfg.adapter
+    if adapter.kind is AdapterKind.none:
+        return ""
+    base = "an NF4 base" if adapter.kind is AdapterKind.qlora else "a frozen base"
+    return (f", {adapter.kind.value} rank {adapter.rank} on {len(adapter.target_modules)} "
+            f"projections a layer ({base}: only the adapters have gradients and AdamW state)")
 
 
 def _row(memory: MemoryEstimate) -> str:

@@ -76,18 +76,29 @@ save (the attention output's layout decides whether o_proj's input is a copy).
 """
 
 from dataclasses import dataclass, replace
-from typing import List
+from typing import List, Optional
 
 from llmscale.config.load import ConfigError
 from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import (
     ActivationCheckpointing,
+    AdapterConfig,
     LLMScaleConfig,
     ModelConfig,
     Precision,
 )
 from llmscale.config.validate import validate
 from llmscale.models.flops import layer_matmul_parameters
+from llmscale.parallel.adapter_memory import (
+    adapted,
+    dequantize_bytes,
+    frozen_weight_bytes,
+    layer_adapter_activation_bytes,
+    layer_adapter_parameters,
+    layer_adapter_recompute_bytes,
+    layer_quantized_parameters,
+    stage_adapter_activation_bytes,
+)
 
 GiB = 1024**3
 # Share of the device kept free for what the estimate leaves out (see the module docstring);
@@ -262,8 +273,10 @@ def layer_backward_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tp:
 
 
 def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Precision,
-             recompute: ActivationCheckpointing) -> MemoryEstimate:
-    """Memory of the first and the last pipeline stage; returns the larger."""
+             recompute: ActivationCheckpointing,
+             adapter: Optional[AdapterConfig] = None) -> MemoryEstimate:
+    """Memory of the first and the last pipeline stage; returns the larger. With `adapter`
+    (LoRA, QLoRA) only the adapters train (llmscale/parallel/adapter_memory.py)."""
     weight, grad = (2, 2) if precision == Precision.bf16 else (4, 4)
     optimizer = 16 - weight - grad
     dp, zero, tp = plan.dp, plan.zero_stage, plan.tp
@@ -277,6 +290,15 @@ def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Pr
                * activation_bytes_per_element(precision) if sp and tp > 1 else 0.0)
     layer = layer_activation_bytes(*shape, recompute, precision, sp)
     layer_backward = layer_backward_bytes(*shape, recompute, precision, sp)
+    fine_tuning = adapted(adapter)
+    if fine_tuning:
+        e = activation_bytes_per_element(precision)
+        layer += (seq_len * plan.micro_batch_size
+                  * layer_adapter_activation_bytes(model, adapter, recompute, e))
+        layer_backward += (seq_len * plan.micro_batch_size
+                           * layer_adapter_recompute_bytes(model, adapter, recompute, e))
+        # QLoRA dequantises a weight in a projection's backward, not in SwiGLU's or a norm's.
+        layer_backward = max(layer_backward, dequantize_bytes(model, adapter, tp, e))
     # Gradients already exist when the backward pass starts if an earlier micro-batch of the
     # step made them (accumulation, and every pipeline schedule); else it allocates them as it
     # frees the activations.
@@ -284,18 +306,27 @@ def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Pr
     estimates = []
     for stage in sorted({0, plan.pp - 1}):
         params = stage_parameters(model, tp, plan.pp, stage)
-        states = (params * weight / (dp if zero >= 3 else 1),
-                  params * grad / (dp if zero >= 2 else 1),
-                  params * optimizer / (dp if zero >= 1 else 1))
+        weights, trained = params * weight, params
+        if fine_tuning:
+            trained = layers * layer_adapter_parameters(model, adapter, tp)
+            weights = (frozen_weight_bytes(params, layers * layer_quantized_parameters(
+                model, adapter, tp), weight) + trained * weight)
+        states = (weights / (dp if zero >= 3 else 1),
+                  trained * grad / (dp if zero >= 2 else 1),
+                  trained * optimizer / (dp if zero >= 1 else 1))
         gradients = states[1]
         per_micro_batch = layers * layer
+        if fine_tuning:
+            per_micro_batch += seq_len * plan.micro_batch_size * stage_adapter_activation_bytes(
+                model, recompute, activation_bytes_per_element(precision), stage == 0,
+                stage == plan.pp - 1)
         backward_buffers = start_buffers = layer_backward
         if stage == plan.pp - 1:
             # The loss's backward runs with the output layer's activations; the layers' after
             # they are freed. Without earlier micro-batches lm_head's weight gradient is new.
             output_layer = output_layer_bytes(*shape, precision, sp)
             per_micro_batch += output_layer
-            lm_head_gradient = (0 if accumulating
+            lm_head_gradient = (0 if accumulating or fine_tuning
                                 else model.vocab_size * model.hidden_size / tp * grad)
             backward_buffers = max(output_backward_bytes(*shape, precision, sp),
                                    layer_backward - output_layer)
@@ -304,7 +335,7 @@ def estimate(model: ModelConfig, plan: ParallelPlan, seq_len: int, precision: Pr
                 layer_backward - output_layer)
         in_flight = plan.pp - stage
         activations = per_micro_batch * in_flight
-        optimizer_buffers = ADAMW_TEMPORARY_BYTES * params / (dp if zero >= 1 else 1)
+        optimizer_buffers = ADAMW_TEMPORARY_BYTES * trained / (dp if zero >= 1 else 1)
         moments = {
             "backward start": activations + start_buffers + (gradients if accumulating else 0),
             "backward end": ((in_flight - 1) * per_micro_batch + layer + layer_backward
@@ -353,7 +384,7 @@ def fitting_plans(cfg: LLMScaleConfig, world_size: int, device_bytes: float) -> 
                     continue
                 for recompute in RECOMPUTE_ORDER:
                     memory = estimate(model, plan, cfg.data.seq_len, cfg.train.precision,
-                                      recompute)
+                                      recompute, cfg.adapter)
                     if memory.fits(device_bytes):
                         options.append(PlanOption(plan, recompute, memory))
     return sorted(options, key=_cost)

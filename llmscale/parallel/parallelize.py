@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from llmscale.adapters.lora import apply_lora
+from llmscale.adapters.lora import apply_lora, quantize_initial_bases
 from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import AdapterConfig
 from llmscale.models.llama import Llama
@@ -61,5 +61,6 @@ def _initialize_shards(local: List[nn.Module], model: Llama, plan: ParallelPlan)
         if getattr(param, "tensor_model_parallel", False):
             full_shape[param.partition_dim] *= plan.tp
         param.copy_(local_shard(param, model.initial_value(name, full_shape)))
+    quantize_initial_bases(model)
     model.model.rotary_emb.to_empty(device="cpu")
     model.model.rotary_emb.reset_buffers()

@@ -20,7 +20,7 @@ def describe_dry_run(cfg: LLMScaleConfig) -> str:
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
     memory = estimate(cfg.model, plan, cfg.data.seq_len, cfg.train.precision,
-                      plan.activation_checkpointing)
+                      plan.activation_checkpointing, cfg.adapter)
     lines = [
         f"experiment {cfg.name}: model {cfg.model.name}, {parameters:,} parameters "
         f"({parameters / 1e9:.2f}B)",

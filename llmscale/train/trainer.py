@@ -75,7 +75,9 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
                                  cfg.checkpoint.verify_checksums)
-    init_from = _initial_weights_dir(cfg) if not resume_from else None
+    # A QLoRA checkpoint holds no copy of the frozen base: a resume quantises it again.
+    reload_base = cfg.adapter.kind is AdapterKind.qlora
+    init_from = _initial_weights_dir(cfg) if not resume_from or reload_base else None
 
     if plan.tp > 1:
         # Megatron's tensor-parallel layers rely on one CUDA work queue to keep their
@@ -120,7 +122,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
               + (f"; resuming from {resume_from}" if resume_from else ""))
         if isinstance(train_set, ChatSamples):
             print(f"llmscale: chat data: {train_set.describe()}; {val_set.describe()}")
-        if cfg.adapter.kind is AdapterKind.lora:
+        if cfg.adapter.kind is not AdapterKind.none:
             print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
             print(f"llmscale: {resume_from} is already at train.max_steps={cfg.train.max_steps}; "

@@ -35,3 +35,29 @@ def test_plans_lora_does_not_support_yet_are_refused():
 
 def test_adapter_settings_are_ignored_without_an_adapter():
     validate(load_config(BASE + ["adapter.rank=0", "parallel.tp=2"]), 2)
+
+
+def test_qlora_refuses_what_it_cannot_quantise_or_split():
+    # The tiny model's intermediate_size 352 is 5.5 NF4 blocks.
+    message = config_error(["adapter=qlora"], 1)
+    assert "model.intermediate_size=352 must be a multiple of 64" in message, message
+    assert "(gate_proj, up_proj, down_proj)" in message
+    validate(load_config(BASE + ["adapter=qlora", "adapter.target_modules=[q_proj,v_proj]"]), 1)
+    qlora = ["adapter=qlora", "model.intermediate_size=384"]
+    validate(load_config(BASE + qlora), 2)
+    assert "adapter.kind=qlora quantises whole projections on one rank: set parallel.tp=1 and " \
+        "parallel.pp=1 (not 2 / 1)" in config_error(qlora + ["parallel.tp=2"], 2)
+    assert "adapter.kind=qlora is supported at parallel.zero_stage 0, 1 or 2" in config_error(
+        qlora + ["parallel.zero_stage=3"], 2)
+    # 8 heads of 16, 2 for keys and values: k_proj and v_proj are 32 wide.
+    assert "model.num_kv_heads * head_dim=32 must be a multiple of 64, or leave the projections " \
+        "it sizes (k_proj, v_proj) out" in config_error(qlora + ["model.num_heads=8"], 1)
+
+
+def test_qlora_without_torchao_names_the_extra(monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torchao" else find_spec(name, *args))
+    assert "pip install 'llmscale[qlora]'" in config_error(
+        ["adapter=qlora", "model.intermediate_size=384"], 1)
