@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow test-matrix smollm2 continued wheelhouse
+.PHONY: setup demo test test-slow test-matrix smollm2 continued sft-tiny wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,14 @@ weights/smollm2-135m/model.yaml: | setup
 # Continued pretraining of SmolLM2-135M on the bundled plays: 2 ranks, 30 steps.
 continued: smollm2
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=continued_smollm2
+
+# Supervised fine-tuning demo: the five bundled chat examples, byte tokens, the tiny model on
+# 2 ranks, 20 steps.
+sft-tiny: prepared/sft_tiny/chat.idx
+	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=sft_tiny
+
+prepared/sft_tiny/chat.idx: data/chat/example.jsonl | setup
+	$(BIN)/python tools/prepare_sft.py --input $< --tokenizer byte --output prepared/sft_tiny
 
 # The offline install bundle (README, "Installing without network"): every wheel llmscale needs
 # beyond torch, in the versions tested here where they fit, for PYTHON_VERSION and PLATFORM

@@ -141,6 +141,12 @@ class DataConfig:
     index_cache_dir: str = "runs/data_index"
     # Attention and positions restart after every EOD (packed documents do not see each other)
     document_attention: bool = False
+    # A prepared chat folder (tools/prepare_sft.py): supervised fine-tuning on its examples,
+    # trained on the tokens its loss mask marks, instead of `paths` or `blend`.
+    chat: Optional[str] = None
+    # Chat data only: several examples per sample (needs document_attention), instead of one
+    # example per sample, padded.
+    pack: bool = False
 
 
 @dataclass

@@ -12,7 +12,7 @@ from llmscale.config.adapter_rules import adapter_rules
 from llmscale.config.load import ConfigError
 from llmscale.config.objective_rules import objective_rules
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig
+from llmscale.config.schema import AnomalyPolicy, LLMScaleConfig, Objective
 
 
 def _divisors(n: int) -> List[int]:
@@ -157,11 +157,40 @@ def _data_rules(cfg: LLMScaleConfig) -> List[str]:
             f"data.blend lists {len(data.blend)} prepared datasets and data.paths lists text files "
             f"{list(data.paths)[:3]}: train on one of them (set data.paths=[] to use the blend)"
         )
-    if not data.blend and not data.paths:
-        errors.append("data.paths and data.blend are both empty: name text files or prepared "
-                      "datasets to train on")
+    if not data.blend and not data.paths and not data.chat:
+        errors.append("data.paths, data.blend and data.chat are all empty: name text files, "
+                      "prepared datasets or a prepared chat folder to train on")
     if not 0.0 < data.val_fraction < 1.0:
         errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
+    return errors + _chat_data_rules(cfg)
+
+
+def _chat_data_rules(cfg: LLMScaleConfig) -> List[str]:
+    data = cfg.data
+    errors = []
+    if data.chat and data.blend:
+        errors.append(
+            f"data.chat={data.chat} and data.blend ({len(data.blend)} datasets) are both set: "
+            "fine-tune on the chat folder or pretrain on the blend, not both (set data.blend=[] "
+            "or data.chat=null)"
+        )
+    if data.chat and data.paths:
+        errors.append(
+            f"data.chat={data.chat} and data.paths={list(data.paths)[:3]} are both set: train on "
+            "one of them (data=chat sets data.paths=[])"
+        )
+    if data.chat and cfg.objective is not Objective.causal:
+        errors.append(f"data.chat trains the next-token objective, not "
+                      f"objective={cfg.objective.value}: set objective=causal")
+    if data.pack and not data.chat:
+        errors.append("data.pack=true applies to chat data (data.chat); text and blends are "
+                      "always packed: set data.pack=false")
+    if data.pack and not data.document_attention:
+        errors.append(
+            "data.pack=true puts several chat examples in one sample, and without "
+            "data.document_attention=true they would attend to each other: set "
+            "data.document_attention=true, or data.pack=false for one example per sample"
+        )
     return errors
 
 

@@ -179,7 +179,7 @@ def _shards(data: DataConfig, tokenizer: Tokenizer, root: Path, split_matrix: li
                 f"{path}/*.idx or {path}.bin + {path}.idx); prepare one with "
                 f"tools/preprocess_data.py or fix the path."
             )
-        _check_tokenizer(path, entry, tokenizer)
+        check_tokenizer(path, f"data.blend[{entry}]", tokenizer)
         for prefix in prefixes:
             # Held in a name: its lengths are a view of a memory map the dataset closes on exit.
             indexed = IndexedDataset(str(prefix))
@@ -213,8 +213,9 @@ def _shard_weights(data: DataConfig, shards: list[_Shard]) -> list[float]:
     return [weight / sum(weights) for weight in weights]
 
 
-def _check_tokenizer(path: Path, entry: int, tokenizer: Tokenizer) -> None:
-    """Datasets from tools/preprocess_data.py record their tokenizer; refuse another one's."""
+def check_tokenizer(path: Path, field: str, tokenizer: Tokenizer) -> None:
+    """Datasets prepared by llmscale's tools record their tokenizer; refuse another one's.
+    `field` names the setting that points at `path`, for the message."""
     metadata = path / DATASET_METADATA
     if not metadata.is_file():
         return
@@ -222,7 +223,7 @@ def _check_tokenizer(path: Path, entry: int, tokenizer: Tokenizer) -> None:
     current = tokenizer_identity(tokenizer)
     if any(recorded.get(key) != current[key] for key in ("vocab_size", "eod_id", "vocab_sha256")):
         raise ValueError(
-            f"data.blend[{entry}] ({path}) was tokenized with {recorded}, but training uses "
+            f"{field} ({path}) was tokenized with {recorded}, but training uses "
             f"{current}; set tokenizer.* to the tokenizer it was prepared with."
         )
 

@@ -43,10 +43,19 @@ def fill_in_vocab_size(cfg: LLMScaleConfig) -> None:
 
 
 def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, Tokenizer]:
-    """Train and validation samples: from a blend of prepared datasets when `data.blend` lists
-    any (call this once torch.distributed is up: megatron-core's index builder needs it), else
-    from the text files in `data.paths`."""
+    """Train and validation samples: from a prepared chat folder when `data.chat` names one;
+    from a blend of prepared datasets when `data.blend` lists any (call this once
+    torch.distributed is up: megatron-core's index builder needs it); else from the text files
+    in `data.paths`."""
     tokenizer = build_tokenizer(cfg.tokenizer, root, cfg.objective is Objective.mlm)
+    if cfg.data.chat:
+        # Imported here, as blends are: megatron-core warns at import about GPU kernels.
+        from llmscale.data.chat_samples import build_chat_datasets
+
+        data = cfg.data
+        train_set, val_set = build_chat_datasets(data.chat, data.seq_len, data.val_fraction,
+                                                 data.pack, tokenizer, root)
+        return train_set, val_set, tokenizer
     if cfg.data.blend:
         # Imported here: megatron-core, which blends use, warns at import about GPU kernels.
         from llmscale.data.blend import build_blended_datasets

@@ -247,16 +247,22 @@ class Llama(nn.Module):
             std /= math.sqrt(2 * self.cfg.num_layers)
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean token cross-entropy of the output layer over the final hidden states [S, B, H]
         against labels [B, S] (already shifted: labels[b, t] is the target at position t, -100
-        ignored), computed in fp32; in training, plus the MoE layers' load-balancing loss."""
+        ignored), computed in fp32; in training, plus the MoE layers' load-balancing loss.
+        `denominator` (a scalar) replaces the count of this batch's targets: the summed token
+        losses are divided by it, so that a step can weigh every target of its global batch
+        alike (llmscale.train.step)."""
         labels = labels.t()
         if self.fused_loss:
             loss_sum = self.fused_loss(hidden, self.lm_head.weight, labels)
         else:
             loss_sum = self.token_losses(self.lm_head(hidden), labels).sum()
-        loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if denominator is None:
+            denominator = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        loss = loss_sum / denominator
         if self.cfg.num_experts and self.training:
             # Evaluation reports the language-model loss alone.
             aux_losses = [layer.mlp.aux_loss for layer in self.model.layers]
@@ -277,10 +283,11 @@ class Llama(nn.Module):
         self.model.document_positions = document_positions
 
     def forward(
-        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
+        self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+        denominator: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits [B, S, V]; or, given labels, the loss (see `loss`)."""
         hidden = self.model(input_ids)
         if labels is None:
             return self.lm_head(hidden).transpose(0, 1)
-        return self.loss(hidden, labels)
+        return self.loss(hidden, labels, denominator)

@@ -92,9 +92,16 @@ def build_pipeline(model: Llama, stages: List[nn.Module], plan: ParallelPlan) ->
         layers=stages,
         topology=PipeModelDataParallelTopology(num_pp=plan.pp, num_mp=plan.tp, num_dp=plan.dp),
         # Looked up at each call, so that a loss wrapped after the build (fault injection) counts.
-        loss_fn=lambda hidden, labels: model.loss(hidden, labels),
+        loss_fn=lambda hidden, labels: model.loss(hidden, *as_loss_arguments(labels)),
         partition_method=f"type:{DecoderStage.__name__}",
     )
+
+
+def as_loss_arguments(labels: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+                      ) -> Tuple[torch.Tensor, ...]:
+    """The pipeline's labels are the labels, or (labels, the loss's denominator) when the step
+    weighs the targets of its whole batch alike (llmscale.train.step)."""
+    return (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
 
 
 _STAGE_PARAMETER = re.compile(r"^(\d+)\.(embed_tokens|layer|norm|lm_head)\.(.+)$")

@@ -14,13 +14,13 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from llmscale.data.blend import DATASET_METADATA
+from llmscale.data.chat_samples import CHAT_PREFIX, loss_mask_prefix
 from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
 from llmscale.prep.chat import (
     BadExample, ChatTemplate, UnsupervisedExample, parse_example, tokenize_conversation,
 )
 from llmscale.prep.tokenize_stage import publish, token_dtype
 
-LOSS_MASK_SUFFIX = "_loss_mask"
 T = TypeVar("T")
 
 
@@ -36,10 +36,6 @@ class ChatReport:
         skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
         return (f"{self.lines} lines: {self.examples} examples written, {self.tokens:,} tokens "
                 f"({self.supervised_tokens:,} trained on); skipped: {skipped or 'none'}")
-
-
-def loss_mask_prefix(prefix: Path) -> Path:
-    return prefix.with_name(prefix.name + LOSS_MASK_SUFFIX)
 
 
 class MaskedDocuments:
@@ -108,7 +104,7 @@ def write_chat_dataset(inputs: List[Path], output: Path, tokenizer: Tokenizer,
     """`output/chat.bin/.idx`, `output/chat_loss_mask.bin/.idx`, `dataset.json` and
     `report.json`. Written under temporary names and renamed when complete."""
     output.mkdir(parents=True, exist_ok=True)
-    documents = MaskedDocuments(output / "chat", tokenizer.vocab_size)
+    documents = MaskedDocuments(output / CHAT_PREFIX, tokenizer.vocab_size)
     report = ChatReport()
 
     def convert(line: str):

@@ -2,7 +2,7 @@
 `train.inject_spike_at_batch` (Megatron has debug flags of the same kind). A real run sets
 neither and registers nothing."""
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -29,10 +29,11 @@ def inject_loss_faults(model: Llama, cfg: TrainConfig, global_batch_size: int,
 
     loss = model.loss
 
-    def scaled_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def scaled_loss(hidden: torch.Tensor, labels: torch.Tensor,
+                    denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Training steps only: evaluation runs without gradients.
         factor = factors.get(consumed_samples()) if torch.is_grad_enabled() else None
-        value = loss(hidden, labels)
+        value = loss(hidden, labels, denominator)
         return value if factor is None else value * factor
 
     model.loss = scaled_loss

@@ -33,6 +33,7 @@ from llmscale.data import (
 from llmscale.data.sampler import micro_batch_positions
 from llmscale.data.tokenizer import mask_token_id
 from llmscale.data.build import build_datasets, resolve_vocab_size
+from llmscale.data.chat_samples import ChatSamples
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.objectives.masked_lm import MaskedLMBatches
@@ -119,6 +120,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
+        if isinstance(train_set, ChatSamples):
+            print(f"llmscale: chat data: {train_set.describe()}; {val_set.describe()}")
         if cfg.adapter.kind is not AdapterKind.none:
             print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
@@ -145,7 +148,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         lr = engine.get_lr()[0]
         start = time.perf_counter()
         loss, anomaly = train_step(engine, batches, process.device, lambda loss: guard.check(
-            state.step + 1, loss, rollback_source.step_dir if rollback_source else None))
+            state.step + 1, loss, rollback_source.step_dir if rollback_source else None),
+            global_token_mean=bool(cfg.data.chat))
         seconds = time.perf_counter() - start
 
         state.step += 1

@@ -231,6 +231,33 @@ CASES = [
         id="moe-at-zero3",
     ),
     pytest.param(
+        ["data.paths=[]", "data.chat=prepared/sft", "data.pack=true"], 1,
+        ["data.pack=true puts several chat examples in one sample",
+         "set data.document_attention=true, or data.pack=false"],
+        id="packed-chat-without-document-attention",
+    ),
+    pytest.param(
+        ["data.pack=true", "data.document_attention=true"], 1,
+        ["data.pack=true applies to chat data (data.chat)"],
+        id="pack-without-chat",
+    ),
+    pytest.param(
+        ["data.paths=[]", "data.chat=prepared/sft", "+data.blend=[{path: prepared/a}]"], 1,
+        ["data.chat=prepared/sft and data.blend (1 datasets) are both set"],
+        id="chat-and-blend",
+    ),
+    pytest.param(
+        ["data.chat=prepared/sft"], 1,
+        ["data.chat=prepared/sft and data.paths=['data/shakespeare'] are both set",
+         "data=chat sets data.paths=[]"],
+        id="chat-and-text",
+    ),
+    pytest.param(
+        ["data.paths=[]", "data.chat=prepared/sft", "objective=mlm", "model.causal=false"], 1,
+        ["data.chat trains the next-token objective, not objective=mlm"],
+        id="chat-with-mlm",
+    ),
+    pytest.param(
         ["model=moe_tiny", "model.moe_top_k=5"], 1,
         ["model.moe_top_k=5 exceeds model.num_experts=4"],
         id="top-k-beyond-experts",
@@ -333,7 +360,8 @@ def test_plan_describes_itself() -> None:
 EXPERIMENT_SCALES = [("tiny", "tiny", 1, 1, 2), ("125m", "125m", 8, 8, 4), ("1b", "1b", 8, 8, 16),
                      ("1_3b", "1_3b", 8, 8, 4),
                      ("7b", "7b", 8, 8, 128), ("13b", "13b", 16, 8, 128), ("70b", "70b", 64, 2, 512),
-                     ("continued_smollm2", "smollm2_135m", 2, 2, 1), ("mlm_tiny", "tiny", 2, 2, 1)]
+                     ("continued_smollm2", "smollm2_135m", 2, 2, 1), ("mlm_tiny", "tiny", 2, 2, 1),
+                     ("sft_tiny", "tiny", 2, 2, 1), ("sft_smollm2", "smollm2_135m", 2, 2, 1)]
 
 
 @pytest.mark.parametrize(("experiment", "model", "world_size", "dp", "accum"), EXPERIMENT_SCALES)
