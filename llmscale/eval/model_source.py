@@ -67,7 +67,7 @@ def load_model(path: Path, tokenizer: Optional[str] = None,
     if data.document_attention:  # as the run trained: packed documents kept apart
         model.use_document_attention(partial(document_position_ids, eod_id=chosen.eod_id))
     return LoadedModel(model, chosen, origin, _own_chat_template(tokenizer_path),
-                       {chosen.eod_id, *_eos_ids(path)})
+                       stop_ids(path, tokenizer_path, chosen.eod_id))
 
 
 @dataclass
@@ -118,6 +118,14 @@ def _own_chat_template(tokenizer_path: Optional[Path]) -> Optional[ChatTemplate]
         return None
     template = find_chat_template(tokenizer_path, None)
     return None if template.source == CHATML and "default" in template.origin else template
+
+
+def stop_ids(model_path: Path, tokenizer_path: Optional[Path], eod_id: int) -> Set[int]:
+    """End of document, and the eos ids of the model's folder and of its tokenizer's: a run
+    folder has no generation config, and the one beside its tokenizer names the chat model's
+    end-of-turn token."""
+    folders = {model_path, *([tokenizer_path.parent] if tokenizer_path else [])}
+    return {eod_id, *(token for folder in folders for token in _eos_ids(folder))}
 
 
 def _eos_ids(folder: Path) -> Set[int]:

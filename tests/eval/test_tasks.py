@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 from llmscale.checkpoint.hf import export_hf, save_weights
 from llmscale.data import ByteTokenizer
 from llmscale.eval.exact_match import is_match, normalise, read_questions
-from llmscale.eval.model_source import LoadedModel, load_model
+from llmscale.eval.model_source import LoadedModel, load_model, stop_ids
 from llmscale.eval.multiple_choice import evaluate_choices, read_choices
 from llmscale.eval.perplexity import evaluate_perplexity
 from llmscale.eval.ranks import start_ranks
@@ -150,3 +150,12 @@ def test_the_command_writes_its_results(hf_folder, tmp_path, capsys):
                                  "contains": False, "first_line": False}
     assert report["samples"][0]["new_tokens"] == 4
     assert "exact-match of" in capsys.readouterr().out
+
+
+def test_a_run_stops_at_the_end_of_turn_its_tokenizer_folder_names(tmp_path):
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    run_dir.mkdir(), hf_dir.mkdir()
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (hf_dir / "config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert stop_ids(run_dir, hf_dir / "tokenizer.json", 0) == {0, 2, 7}
+    assert stop_ids(run_dir, None, 5) == {5}
