@@ -20,12 +20,13 @@
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from llmscale.user_errors import exit_code_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,14 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = {"to-hf": to_hf, "to-peft": to_peft, "from-hf": from_hf, "from-gguf": from_gguf,
                "gguf-in-package": gguf_in_package}[args.command]
-    try:
-        print(command(args))
-    except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as error:
-        if os.environ.get("LLMSCALE_TRACEBACK"):
-            raise
-        print(f"error: {error}\n(set LLMSCALE_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: print(command(args)),
+                        (ValueError, FileNotFoundError, ImportError, NotImplementedError))
 
 
 if __name__ == "__main__":

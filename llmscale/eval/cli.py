@@ -13,13 +13,14 @@ writes the results to --output as JSON.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+
+from llmscale.user_errors import exit_code_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,14 +120,7 @@ def summary(report: Dict) -> str:
 
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as error:
-        if os.environ.get("LLMSCALE_TRACEBACK"):
-            raise
-        print(f"error: {error}\n(set LLMSCALE_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(args), (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":
