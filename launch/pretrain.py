@@ -15,7 +15,7 @@ from llmscale.config import ConfigError, LLMScaleConfig, load_config, to_yaml  #
 from llmscale.config.command_line import help_text, parse_command_line  # noqa: E402
 from llmscale.config.sweep import run_sweep, sweep_jobs, sweep_yaml  # noqa: E402
 from llmscale.parallel.distributed import (  # noqa: E402
-    collective_timeout_message, is_collective_timeout, read_world_size,
+    collective_timeout_message, end_distributed, is_collective_timeout, read_world_size,
 )
 
 # DeepSpeed's ZeRO calls the old names of torch's collectives; the notice repeats every step.
@@ -65,6 +65,7 @@ def _run(cfg: LLMScaleConfig) -> int:
         return 0
     try:
         pretrain(cfg)
+        end_distributed()
         return 0
     except TrainingStopped as error:
         if os.environ.get("RANK", "0") == "0":

@@ -29,7 +29,7 @@ from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.models import Llama, flops_per_token
 from llmscale.optim.lr_schedule import build_lr_scheduler
 from llmscale.optim.optimizer import build_optimizer
-from llmscale.parallel.distributed import init_distributed, read_world_size
+from llmscale.parallel.distributed import end_distributed, init_distributed, read_world_size
 from llmscale.parallel.parallelize import parallelize
 from llmscale.train.peak_memory import peak_memory_metrics
 from llmscale.train.sinks import JsonlSink
@@ -122,6 +122,7 @@ def train_bare(cfg: LLMScaleConfig) -> Path:
 
 def main(argv: Sequence[str]) -> None:
     metrics = train_bare(load_config(strip_launcher_args(argv)))
+    end_distributed()
     print(f"bare loop: metrics in {metrics.resolve()}")
 
 

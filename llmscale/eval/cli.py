@@ -16,11 +16,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
 from llmscale.user_errors import exit_code_of
+
+if TYPE_CHECKING:
+    from llmscale.eval.ranks import Ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,10 +72,15 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Dict:
-    from llmscale.eval.model_source import load_model
-    from llmscale.eval.ranks import start_ranks
+    from llmscale.eval.ranks import evaluation_ranks
 
-    ranks = start_ranks(args.device)
+    with evaluation_ranks(args.device) as ranks:
+        return _evaluate(args, ranks)
+
+
+def _evaluate(args: argparse.Namespace, ranks: "Ranks") -> Dict:
+    from llmscale.eval.model_source import load_model
+
     started = time.perf_counter()
     loaded = load_model(args.model, args.tokenizer, ranks.device, DTYPES[args.dtype])
     loaded_at = time.perf_counter()

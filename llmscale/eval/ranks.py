@@ -3,11 +3,14 @@
 any number of ranks computes and adds up exactly what one process does."""
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, TypeVar
+from typing import Any, Dict, Iterator, List, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from llmscale.parallel.distributed import end_distributed
 
 T = TypeVar("T")
 
@@ -36,9 +39,19 @@ class Ranks:
         return [merged[index] for index in sorted(merged)]
 
 
-def start_ranks(device: str = "auto") -> Ranks:
+@contextmanager
+def evaluation_ranks(device: str = "auto") -> Iterator[Ranks]:
     """One process under `python`; under `torchrun` the process group its environment names
-    (gloo on CPU, NCCL on GPUs)."""
+    (gloo on CPU, NCCL on GPUs), ended on the way out if it was started here."""
+    started_here = not dist.is_initialized()
+    try:
+        yield _start_ranks(device)
+    finally:
+        if started_here:
+            end_distributed()
+
+
+def _start_ranks(device: str) -> Ranks:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"

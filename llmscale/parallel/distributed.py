@@ -109,6 +109,13 @@ def init_distributed(
     )
 
 
+def end_distributed() -> None:
+    """Call once a process is done with its collectives. Gloo's worker threads, left to the
+    interpreter's own shutdown, can abort a process whose work succeeded (SIGABRT, exit -6)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)

@@ -18,11 +18,12 @@ from llmscale.eval.exact_match import is_match, normalise, read_questions
 from llmscale.eval.model_source import LoadedModel, load_model, stop_ids
 from llmscale.eval.multiple_choice import evaluate_choices, read_choices
 from llmscale.eval.perplexity import evaluate_perplexity
-from llmscale.eval.ranks import start_ranks
+from llmscale.eval.ranks import Ranks
 
 TEXT = ("Full fathom five thy father lies; of his bones are coral made; those are pearls that "
         "were his eyes: nothing of him that doth fade, but doth suffer a sea-change into "
         "something rich and strange.\n") * 3
+ONE_PROCESS = Ranks(rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def write_jsonl(path, records):
@@ -41,7 +42,7 @@ def hf_folder(tmp_path_factory):
 def test_perplexity_equals_transformers_on_the_exported_model(hf_folder):
     loaded = load_model(hf_folder, tokenizer="byte")
     tokens = torch.tensor(ByteTokenizer().encode(TEXT))
-    ours = evaluate_perplexity(loaded, tokens, start_ranks("cpu"), seq_len=32, batch_size=3)
+    ours = evaluate_perplexity(loaded, tokens, ONE_PROCESS, seq_len=32, batch_size=3)
     windows = (len(tokens) - 1) // 32
     assert ours["metrics"]["windows"] == windows and ours["metrics"]["tokens"] == windows * 32
 
@@ -88,7 +89,7 @@ def test_multiple_choice_sums_for_acc_and_divides_by_characters_for_acc_norm(tmp
         {"context": "", "choices": ["a", "bb"], "label": 0},
     ])
     loaded = LoadedModel(Bigram(), ByteTokenizer(), tmp_path)
-    results = evaluate_choices(loaded, read_choices(path), start_ranks("cpu"), delimiter="")
+    results = evaluate_choices(loaded, read_choices(path), ONE_PROCESS, delimiter="")
     assert results["metrics"] == {"acc": 0.5, "acc_norm": 1.0, "examples": 2}
     log_z = math.log(math.exp(3) + math.exp(2) + TINY.vocab_size - 2)
     assert results["samples"][0]["loglikelihoods"] == pytest.approx([2 - log_z, 4 * (3 - log_z)])
