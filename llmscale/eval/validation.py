@@ -1,5 +1,6 @@
-"""Held-out loss and perplexity, averaged over every data-parallel rank; for a masked-LM run
-also the share of masked tokens predicted right."""
+"""Held-out loss and perplexity, averaged over every data-parallel rank (for fine-tuning, over
+every supervised token of the held-out batches, as training averages); for a masked-LM run also
+the share of masked tokens predicted right."""
 
 import math
 from typing import Dict, List, Tuple
@@ -10,20 +11,28 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from llmscale.models.fused_loss import IGNORE_INDEX
 from llmscale.parallel.distributed import all_reduce_mean
+from llmscale.parallel.token_mean import global_token_denominator, with_denominator
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(engine, batches: List[Batch], device, masked_accuracy: bool = False
-             ) -> Dict[str, float]:
-    """`masked_accuracy` needs whole logits on every rank: no pipeline, no tensor parallelism."""
+def evaluate(engine, batches: List[Batch], device, masked_accuracy: bool = False,
+             global_token_mean: bool = False) -> Dict[str, float]:
+    """`masked_accuracy` needs whole logits on every rank: no pipeline, no tensor parallelism.
+    `global_token_mean`: the loss is the mean over every target of the held-out batches."""
+    denominator = (global_token_denominator(batches, device, engine.dp_world_size)
+                   if global_token_mean else None)
     if isinstance(engine, PipelineEngine):
+        if denominator is not None:
+            batches = with_denominator(batches, denominator)
         # Averaged over the micro-batches and the data-parallel ranks, sent to every stage.
         loss = engine.eval_batch(iter(batches), num_micro_batches=len(batches)).item()
         return _metrics(loss)
     engine.eval()
-    losses = [engine(inputs.to(device), labels.to(device)).float() for inputs, labels in batches]
+    extra = () if denominator is None else (denominator,)
+    losses = [engine(inputs.to(device), labels.to(device), *extra).float()
+              for inputs, labels in batches]
     metrics = _metrics(all_reduce_mean(torch.stack(losses).mean()).item())
     if masked_accuracy:
         metrics["val_masked_accuracy"] = _masked_accuracy(engine, batches, device)

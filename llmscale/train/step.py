@@ -1,14 +1,9 @@
 """One optimizer step: the rank's micro-batches through the DeepSpeed engine.
 
 Pretraining averages each micro-batch's token losses over its own targets. Supervised
-fine-tuning (`global_token_mean`) weighs every target of the global batch alike instead, so
-that neither the split into micro-batches nor the data-parallel size changes the loss, however
-unevenly the trained-on tokens fall: the step counts the targets of all micro-batches of all
-data-parallel ranks (one all-reduce, before the forward passes) and each micro-batch's loss is
-its summed token losses divided by `count / (dp * grad_accum_steps)`. DeepSpeed divides each
-micro-batch's loss by `grad_accum_steps` before its backward and averages the gradients over the
-`dp` ranks, so the update's gradient is exactly that of (sum over the global batch) / count, and
-the step's loss (the mean of the micro-batch losses over steps and ranks) is that mean too.
+fine-tuning (`global_token_mean`) weighs every target of the global batch alike instead
+(`llmscale.parallel.token_mean`), counted before the forward passes; the step's loss (the mean
+of the micro-batch losses over steps and ranks) is then that global mean too.
 """
 
 from contextlib import nullcontext
@@ -18,10 +13,9 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.schedule import OptimizerStep
-from megatron.core import parallel_state
 
-from llmscale.models.fused_loss import IGNORE_INDEX
 from llmscale.parallel.distributed import all_reduce_mean
+from llmscale.parallel.token_mean import global_token_denominator, with_denominator
 from llmscale.train.anomaly import Anomaly, update_withheld
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -36,12 +30,10 @@ def train_step(engine, batches: List[Batch], device: torch.device, check_loss: L
     `global_token_mean`: the loss is the mean over every target of the global batch (above)."""
     denominator = None
     if global_token_mean:
-        global_count = all_reduce_data_parallel(target_count(batches).to(device))
-        denominator = loss_denominator(global_count, engine.dp_world_size,
-                                       engine.gradient_accumulation_steps())
+        denominator = global_token_denominator(batches, device, engine.dp_world_size)
     if isinstance(engine, PipelineEngine):
         if denominator is not None:
-            batches = [(inputs, (labels, denominator)) for inputs, labels in batches]
+            batches = with_denominator(batches, denominator)
         return _pipeline_train_step(engine, batches, check_loss)
     extra = () if denominator is None else (denominator,)
     losses = []
@@ -58,26 +50,6 @@ def train_step(engine, batches: List[Batch], device: torch.device, check_loss: L
     with update_withheld(engine) if anomaly else nullcontext():
         engine.step()
     return loss, anomaly
-
-
-def target_count(batches: List[Batch]) -> torch.Tensor:
-    """The targets (labels not ignored) of a rank's micro-batches, as an int64 scalar."""
-    return sum(((labels != IGNORE_INDEX).sum() for _, labels in batches),
-               torch.zeros((), dtype=torch.int64))
-
-
-def all_reduce_data_parallel(count: torch.Tensor) -> torch.Tensor:
-    """The sum of `count` over the data-parallel ranks (the tensor- and pipeline-parallel ranks
-    of one replica hold the same batches, and are not counted again)."""
-    count = count.clone()
-    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
-    return count
-
-
-def loss_denominator(global_count: torch.Tensor, dp: int, grad_accum_steps: int) -> torch.Tensor:
-    """What each micro-batch divides its summed token losses by (fp32), so that DeepSpeed's
-    division by `grad_accum_steps` and average over `dp` ranks leave sum / `global_count`."""
-    return (global_count.clamp(min=1).double() / (dp * grad_accum_steps)).float()
 
 
 def _pipeline_train_step(engine: PipelineEngine, batches: List[Batch],

@@ -134,7 +134,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
 
     # The masked-LM accuracy reads whole logits, which one-stage, one-shard plans have.
     validate_run = partial(evaluate, engine, val_batches, process.device,
-                           masked_lm is not None and plan.tp == plan.pp == 1)
+                           masked_lm is not None and plan.tp == plan.pp == 1,
+                           global_token_mean=bool(cfg.data.chat))
     first_val = validate_run() if state.step == 0 else None
     if first_val:
         log(first_val)

@@ -16,7 +16,7 @@ from llmscale.config.schema import ModelConfig
 from llmscale.data import GlobalSampleOrder, rank_micro_batches
 from llmscale.models import Llama
 from llmscale.models.fused_loss import IGNORE_INDEX
-from llmscale.train.step import loss_denominator, target_count
+from llmscale.parallel.token_mean import loss_denominator, target_count
 
 VOCAB, SEQ = 48, 12
 # Targets per sample: uneven, and one sample has none.
@@ -100,8 +100,8 @@ def test_the_per_micro_batch_mean_would_weigh_the_targets_unevenly():
 
 
 def test_the_denominator_undoes_deepspeeds_reductions():
-    assert loss_denominator(torch.tensor(21), dp=2, grad_accum_steps=2).item() == 21 / 4
-    assert loss_denominator(torch.tensor(0), dp=1, grad_accum_steps=1).item() == 1.0
+    assert loss_denominator(torch.tensor(21), dp=2, micro_batches=2).item() == 21 / 4
+    assert loss_denominator(torch.tensor(0), dp=1, micro_batches=1).item() == 1.0
     assert loss_denominator(torch.tensor(3), 1, 1).dtype == torch.float32
 
 
