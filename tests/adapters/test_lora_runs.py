@@ -126,8 +126,12 @@ def test_stop_and_resume_equals_the_uninterrupted_run(lora_run, tmp_path):
         assert resumed[step] == expected[step], step
 
 
-# Pipeline stages cannot share a tied embedding: these runs and their reference untie it.
-UNTIED = COMMON + ["model.tie_embeddings=false"]
+# Pipeline stages cannot share a tied embedding: these runs and their reference untie it. Adam's
+# eps is raised from 1e-8: tensor parallel sums the split layers in another order, which moves a
+# gradient entry that nearly cancels (about 1e-9) by 1e-4 of itself, and with eps far below
+# |g| Adam steps such an entry by about the learning rate whatever its size, turning that
+# round-off into a 1.3e-5 difference in the adapters (measured at eps 1e-8).
+UNTIED = COMMON + ["model.tie_embeddings=false", "optim.eps=1e-6"]
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +156,11 @@ def exported(run_dir, out_dir):
             for name, tensor in load_file(path).items()}
 
 
-# Measured (4 steps, fp32): pipeline parallel gives one process's numbers exactly; tensor
-# parallel gives its losses exactly and its adapters within 1.3e-5 (2 of 2,816 entries of one
-# matrix above 1e-6, the rest within 1e-6). The split layers sum in another order; where a
-# gradient entry nearly cancels, that changes it by 1e-4 of itself (3e-7 elsewhere), and Adam
-# steps every entry by about the learning rate, whatever its gradient's size.
+# Measured (4 steps, fp32): the losses of both equal one process's; the exported weights differ
+# by up to 6.9e-8 under pipeline parallel and 5.4e-6 under tensor parallel.
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, tolerance", [
-    (["parallel.tp=2", "parallel.sequence_parallel=true"], 5e-5),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], 1e-5),
     (["parallel.pp=2"], 1e-6),
 ], ids=["tp2-sequence-parallel", "pp2"])
 def test_tensor_and_pipeline_parallel_match_one_process(layout, tolerance, untied_lora_run,
