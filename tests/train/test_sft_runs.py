@@ -1,12 +1,14 @@
 """Supervised fine-tuning through the real launcher, on the bundled chat examples: two ranks
-(ZeRO-2; tensor parallel with sequence parallelism; two pipeline stages) train and validate as
-one process does, and a run resumed from a checkpoint continues the uninterrupted one exactly.
+(ZeRO-2 and 3; tensor parallel with sequence parallelism; two pipeline stages) train and
+validate as one process does, and a run resumed from a checkpoint continues the uninterrupted
+one exactly.
 
 The global batch of 4 is one micro-batch in one process, 2 ranks x 2 accumulated micro-batches
-of 1 at ZeRO-2, 2 accumulated micro-batches of 2 under tensor parallelism, and 4 micro-batches
-of 1 through the pipeline; the examples' trained-on tokens differ (19 to 55 each), so the runs
-agree only if every target of the global batch weighs the same (llmscale.parallel.token_mean),
-not each micro-batch. The held-out loss is averaged the same way."""
+of 1 at ZeRO-2 and 3, 2 accumulated micro-batches of 2 under tensor parallelism, and 4
+micro-batches of 1 through the pipeline; the examples' trained-on tokens differ (19 to 55 each),
+so the runs agree only if every target of the global batch weighs the same
+(llmscale.parallel.token_mean), not each micro-batch. The held-out loss is averaged the same
+way."""
 
 import pytest
 from launching import REPO_ROOT, launch, metrics
@@ -54,10 +56,12 @@ def assert_same_losses(run_dir, reference) -> None:
                 name, step, losses[step], expected[step])
 
 
-def test_zero2_on_two_ranks_matches_one_process(common, reference, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_zero_on_two_ranks_matches_one_process(zero_stage, common, reference, tmp_path):
     losses = metrics(reference, "loss")
     assert losses[STEPS] < losses[1]
-    launch("torchrun", tmp_path, *common, "train.micro_batch_size=1", "parallel.zero_stage=2")
+    launch("torchrun", tmp_path, *common, "train.micro_batch_size=1",
+           f"parallel.zero_stage={zero_stage}")
     assert_same_losses(tmp_path, reference)
 
 
