@@ -4,9 +4,10 @@ One folder per saved step, `<dir>/step_00000100/`. Every rank writes into
 `step_00000100.partial/` (DeepSpeed's model, optimizer and scheduler shards, and the rank's
 RNG states); once all are done, rank 0 adds the llmscale state, the config and a manifest of
 every file's size and checksum, renames the folder to its final name and only then moves the
-`latest` pointer. Frozen parameters (an adapter run's base) are left out: the run makes them
-again from its start (llmscale/checkpoint/frozen_base.py) before it loads a checkpoint. A killed save therefore leaves a `.partial` folder that is never resumed from,
+`latest` pointer. A killed save therefore leaves a `.partial` folder that is never resumed from,
 and a checkpoint damaged later fails its manifest check and is skipped.
+Frozen parameters (an adapter run's base) are left out: a run makes them again from where it
+started (llmscale/checkpoint/frozen_base.py) before it loads a checkpoint.
 """
 
 import json
