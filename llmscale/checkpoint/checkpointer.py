@@ -6,6 +6,8 @@ RNG states); once all are done, rank 0 adds the llmscale state, the config and a
 every file's size and checksum, renames the folder to its final name and only then moves the
 `latest` pointer. A killed save therefore leaves a `.partial` folder that is never resumed from,
 and a checkpoint damaged later fails its manifest check and is skipped.
+Frozen parameters (an adapter run's base) are left out: a run makes them again from where it
+started (llmscale/checkpoint/frozen_base.py) before it loads a checkpoint.
 """
 
 import json
@@ -20,6 +22,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from llmscale.checkpoint.frozen_base import frozen_parameters_left_out, has_frozen_parameters
 from llmscale.checkpoint.manifest import manifest_problem, write_manifest
 from llmscale.checkpoint.reshard import (
     check_reshardable, convert_to_universal, declare_universal_info, needs_universal,
@@ -143,7 +146,10 @@ class Checkpointer:
         dist.barrier()
         # The universal-checkpoint info lets `ds_to_universal` convert this save later.
         declare_universal_info(engine)
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False)
+        # (DeepSpeed's own exclusion covers ZeRO-2's copy of the frozen parameters.)
+        with frozen_parameters_left_out(engine.module):
+            engine.save_checkpoint(str(self.checkpoint_dir), tag=partial.name, save_latest=False,
+                                   exclude_frozen_parameters=True)
         torch.save(capture_rng_state(), partial / f"rng_rank{self.rank:05d}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -180,8 +186,10 @@ class Checkpointer:
             if source.universal:
                 restore_universal(engine, source, self.plan)
             else:
+                # The module state lacks the frozen parameters, which hold their values.
                 loaded, _ = engine.load_checkpoint(
                     str(source.step_dir.parent), tag=source.step_dir.name,
+                    load_module_strict=not has_frozen_parameters(engine.module),
                     load_optimizer_states=True, load_lr_scheduler_states=True,
                 )
                 if loaded is None:

@@ -3,7 +3,9 @@
     python tools/convert_checkpoint.py to-hf runs/tiny hf/tiny
         the newest complete checkpoint of a run (or one step_N folder) -> an HF Llama folder;
         of a LoRA run, its frozen base, or with --merge the base with the adapters folded in
-        (not of a QLoRA run: its checkpoints hold no base, and its adapters fit the NF4 one)
+        (its checkpoints hold the adapters only: the base is read again from the run's
+        train.init_from, or drawn again from its seed; not of a QLoRA run: its adapters fit
+        the NF4-rounded base)
     python tools/convert_checkpoint.py to-peft runs/tiny_lora peft/tiny_lora
         a LoRA or QLoRA run's adapters -> a PEFT folder (adapter_config.json +
         adapter_model.safetensors) that peft.PeftModel.from_pretrained loads onto the to-hf
@@ -122,12 +124,12 @@ def to_hf(args: argparse.Namespace) -> str:
 
 
 def to_peft(args: argparse.Namespace) -> str:
-    from llmscale.checkpoint.consolidate import consolidated_state_dict
+    from llmscale.checkpoint.consolidate import saved_state_dict
     from llmscale.checkpoint.peft_export import adapter_config_of, export_peft
 
     step_dir = resolve_checkpoint(args.source)
     adapter_cfg = adapter_config_of(step_dir)
-    export_peft(consolidated_state_dict(step_dir), adapter_cfg, args.out_dir,
+    export_peft(saved_state_dict(step_dir), adapter_cfg, args.out_dir,
                 base_model=args.base_model, dtype=DTYPES[args.dtype])
     kind = "QLoRA" if adapter_cfg.kind.value == "qlora" else "LoRA"
     return (f"{step_dir} -> {args.out_dir} ({kind} rank {adapter_cfg.rank}, alpha "

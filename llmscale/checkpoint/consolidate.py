@@ -6,6 +6,8 @@ every file with `torch.load(weights_only=False)`, which would run any code a tam
 carries, so here those loads are forced to the weights-only unpickler (`safe_load`).
 ZeRO 0 keeps whole parameters in `mp_rank_00_model_states.pt` (under bf16, with unnamed fp32
 master copies beside them), which loads without any extra class.
+An adapter run's checkpoint holds the adapters alone; a LoRA run's frozen base is made again
+from where the run got it (llmscale/checkpoint/frozen_base.py).
 """
 
 import contextlib
@@ -19,13 +21,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmscale.adapters.lora import is_adapter
 from llmscale.checkpoint.checkpointer import STATE_FILE
+from llmscale.checkpoint.frozen_base import base_weights
 from llmscale.checkpoint.reshard import (
-    convert_to_universal, module_file_weights, universal_parameter_dirs, universal_tensor,
+    convert_to_universal, universal_parameter_dirs, universal_tensor,
 )
 from llmscale.checkpoint.safe_load import weights_only_loads
-from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig
+from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig, TrainConfig
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -33,7 +35,19 @@ TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
     """Every parameter of the saved model, unsharded, fp32, named as in `Llama.state_dict()`
-    (a tied head appears under both of its names, as one tensor)."""
+    (a tied head appears under both of its names, as one tensor): of a LoRA run, its adapters
+    and its frozen base; of a QLoRA run, the adapters alone (its base was NF4-rounded)."""
+    weights = saved_state_dict(step_dir)
+    if saved_settings(step_dir, "adapter", AdapterConfig, required=False).kind is AdapterKind.lora:
+        train = saved_settings(step_dir, "train", TrainConfig, required=False)
+        base = base_weights(model_config_of(step_dir), train, step_dir)
+        weights = {**_standalone_fp32(base), **weights}
+    return weights
+
+
+def saved_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
+    """The parameters the checkpoint holds, unsharded, fp32: every one of a full run, the
+    adapters of an adapter run."""
     step_dir = Path(step_dir)
     if not step_dir.is_dir():
         raise FileNotFoundError(f"{step_dir}: no such checkpoint folder")
@@ -81,8 +95,7 @@ def _saved_plan(step_dir: Path) -> dict:
 
 def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     """Tensor shards and pipeline stages merged by DeepSpeed's universal conversion (cached in
-    the step folder, as a resume on another layout does). It merges only what the optimizer
-    holds: a LoRA run's frozen base comes from the model-states files, merged the same way."""
+    the step folder, as a resume on another layout does)."""
     if plan["zero_stage"] == 0:
         raise ValueError(
             f"{step_dir} was saved with tp={plan['tp']}, pp={plan['pp']} at ZeRO-0, whose "
@@ -93,12 +106,7 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
     convert_to_universal(step_dir)
     weights = {name: universal_tensor(folder / "fp32.pt")
                for name, folder in universal_parameter_dirs(step_dir, plan["pp"]).items()}
-    if saved_settings(step_dir, "adapter", AdapterConfig, required=False).kind is AdapterKind.lora:
-        # (The conversion lists frozen weights of a tensor-parallel save, unmerged: one shard.)
-        weights.update((name, tensor) for name, tensor
-                       in module_file_weights(step_dir, plan["tp"], plan["pp"]).items()
-                       if not is_adapter(name))
-    if model_config_of(step_dir).tie_embeddings:
+    if TIED_EMBEDDING in weights and model_config_of(step_dir).tie_embeddings:
         weights[TIED_HEAD] = weights[TIED_EMBEDDING]
     return weights
 
@@ -106,18 +114,7 @@ def _from_model_parallel(step_dir: Path, plan: dict) -> Dict[str, torch.Tensor]:
 def _from_zero_partitions(step_dir: Path) -> Dict[str, torch.Tensor]:
     # zero_to_fp32 prints progress lines meant for its own command-line script.
     with weights_only_loads(step_dir), contextlib.redirect_stdout(io.StringIO()):
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent),
-                                                           tag=step_dir.name)
-        # Frozen parameters (a LoRA run's base) have no optimizer partition, and ZeRO-1, unlike
-        # ZeRO-2, does not list them for zero_to_fp32: unchanged by training, the module's own
-        # copy of them is exact. (ZeRO 1-2 save that copy whole; ZeRO-3, which LoRA runs do not
-        # use, keeps only empty placeholders, in per-rank files.)
-        module_file = step_dir / ZERO0_MODEL_FILE
-        module = (torch.load(module_file, map_location="cpu", mmap=True)["module"]
-                  if module_file.is_file() else {})
-    for name, tensor in module.items():
-        weights.setdefault(name, tensor)
-    return weights
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
 def _from_zero0_model_states(path: Path) -> Dict[str, torch.Tensor]:

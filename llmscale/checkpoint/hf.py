@@ -212,22 +212,27 @@ def load_weights(weights_dir: Path) -> Tuple[Dict[str, torch.Tensor], ModelConfi
 
 @torch.no_grad()
 def load_initial_weights(model: Llama, weights_dir: Path) -> None:
-    """Start `model` from a weights folder, strictly: its config must match the one the weights
-    were trained with, and every parameter's name and shape. Call it on the built model before
-    DeepSpeed wraps it (ZeRO-3 then partitions what was loaded)."""
+    """Start `model` from a weights folder, strictly (`initial_weights`). Call it on the built
+    model before DeepSpeed wraps it (ZeRO-3 then partitions what was loaded)."""
+    model.load_state_dict(initial_weights(model.cfg, weights_dir), strict=True)
+
+
+def initial_weights(cfg: ModelConfig, weights_dir: Path) -> Dict[str, torch.Tensor]:
+    """A weights folder's state dict for a model of `cfg`, which must match the config the
+    weights were trained with, and every parameter's name and shape."""
     state_dict, saved = load_weights(weights_dir)
     differences = [
-        f"model.{name}={getattr(model.cfg, name)!r} but the weights have {getattr(saved, name)!r}"
+        f"model.{name}={getattr(cfg, name)!r} but the weights have {getattr(saved, name)!r}"
         for name in _MATH_FIELDS
-        if not _same_setting(_effective(model.cfg, name), _effective(saved, name))
+        if not _same_setting(_effective(cfg, name), _effective(saved, name))
     ]
     if differences:
         raise ValueError(
             f"the model does not match the weights in {weights_dir}: " + "; ".join(differences)
             + f". Use the weights' own settings ({Path(weights_dir) / MODEL_YAML})"
         )
-    check_weights(state_dict, model.cfg, str(weights_dir))
-    model.load_state_dict(state_dict, strict=True)
+    check_weights(state_dict, cfg, str(weights_dir))
+    return state_dict
 
 
 # ---- safetensors files and strict checks ---------------------------------------------------

@@ -5,7 +5,7 @@ A ZeRO checkpoint stores each rank's slice of the flattened optimizer state, so 
 into the same layout. DeepSpeed's `ds_to_universal` rewrites it as one folder per parameter
 (fp32 weight, Adam moments, step), merging data-parallel slices and, by the patterns saved with
 each checkpoint (`universal_checkpoint_info`), tensor-parallel shards. It holds only what the
-optimizer holds: a LoRA run's frozen base comes from the model-states files instead.
+optimizer holds, which is all a checkpoint holds: an adapter run's frozen base is never saved.
 Folders of a pipeline-parallel save carry stage names (`3.layer.mlp.up_proj.weight`), which
 map back to the model's own names. `restore_universal` then hands every rank its share of each
 parameter through DeepSpeed's per-parameter setters, for ZeRO 1, 2 and 3 alike. (DeepSpeed's
@@ -69,35 +69,6 @@ def declare_universal_info(engine) -> None:
     model-states file (the MoE path refuses the key in `client_state`)."""
     trained = (name for name, param in engine.module.named_parameters() if param.requires_grad)
     setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, universal_info(trained))
-
-
-def module_file_weights(step_dir: Path, tp: int, pp: int) -> Dict[str, torch.Tensor]:
-    """Every parameter as the model-states files of a ZeRO 0-2 save hold it (in the working
-    precision), by the model's own name, tensor shards merged as `ds_to_universal` merges them.
-    The only copy of what the optimizer does not hold: a LoRA run's frozen base."""
-    shards: Dict[str, List[torch.Tensor]] = {}
-    for tp_rank in range(tp):
-        for name, tensor in _module_state(step_dir, tp_rank, pp).items():
-            shards.setdefault(name, []).append(tensor)
-    return {name: merged_tensor_shards(name, parts) for name, parts in shards.items()}
-
-
-def _module_state(step_dir: Path, tp_rank: int, pp: int) -> Dict[str, torch.Tensor]:
-    if pp == 1:
-        return load_deepspeed_file(step_dir / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
-    state = {}
-    for path in step_dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"):
-        index = int(path.name.split("-")[0][len("layer_"):])
-        state.update((canonical_name(f"{index}.{key}"), tensor)
-                     for key, tensor in load_deepspeed_file(path).items())
-    return state
-
-
-def merged_tensor_shards(name: str, shards: List[torch.Tensor]) -> torch.Tensor:
-    """Parameter `name` whole from its tensor-parallel shards, in rank order."""
-    if len(shards) == 1 or any(re.match(pattern, name) for pattern in TP_REPLICATED):
-        return shards[0]
-    return torch.cat(shards, dim=1 if any(re.match(p, name) for p in ROW_PARALLEL) else 0)
 
 
 def needs_universal(saved_plan: dict, plan: ParallelPlan) -> bool:
@@ -176,12 +147,8 @@ def restore_universal(engine, source, plan: ParallelPlan) -> None:
             }
     if not zero3:
         optimizer._lazy_init_hp_params_optimizer_state()  # points each weight at its moments
-    frozen: Dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
-        if not param.requires_grad:  # a LoRA run's base: no optimizer state, only a value
-            frozen = frozen or module_file_weights(step_dir, source.saved_tp, saved_pp)
-            with torch.no_grad():
-                param.copy_(local_shard(param, frozen[naming(name)]))
+        if not param.requires_grad:  # an adapter run's base, made again before the load
             continue
         folder = folders.get(naming(name))
         if folder is None:

@@ -21,7 +21,8 @@ from llmscale.adapters.lora import describe_trainable
 from llmscale.checkpoint.checkpointer import (
     Checkpointer, ResumeSource, prepare_resume, resolve_resume,
 )
-from llmscale.checkpoint.hf import MODEL_YAML, load_initial_weights
+from llmscale.checkpoint.frozen_base import initial_weights_dir
+from llmscale.checkpoint.hf import load_initial_weights
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.plan import ParallelPlan
@@ -75,9 +76,11 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpoint_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     resume_from = resolve_resume(cfg.train.resume, checkpoint_dir,
                                  cfg.checkpoint.verify_checksums)
-    # A QLoRA checkpoint holds no copy of the frozen base: a resume quantises it again.
-    reload_base = cfg.adapter.kind is AdapterKind.qlora
-    init_from = _initial_weights_dir(cfg) if not resume_from or reload_base else None
+    # An adapter run's checkpoints hold no copy of its frozen base: a resume makes it again from
+    # where the start got it (QLoRA's quantised again), before loading the adapters.
+    reload_base = cfg.adapter.kind is not AdapterKind.none
+    init_from = (initial_weights_dir(cfg.train.init_from, resume_from)
+                 if not resume_from or reload_base else None)
 
     if plan.tp > 1:
         # Megatron's tensor-parallel layers rely on one CUDA work queue to keep their
@@ -212,18 +215,6 @@ def _build_model(cfg: LLMScaleConfig, init_from: Optional[Path], eod_id: int) ->
     if cfg.data.document_attention:  # before `parallelize`: pipeline stages carry the positions
         model.use_document_attention(partial(document_position_ids, eod_id=eod_id))
     return model
-
-
-def _initial_weights_dir(cfg: LLMScaleConfig) -> Optional[Path]:
-    if not cfg.train.init_from:
-        return None
-    weights_dir = REPO_ROOT / cfg.train.init_from
-    if not (weights_dir / MODEL_YAML).is_file():
-        raise ConfigError(
-            f"train.init_from={cfg.train.init_from} is not a weights folder (it has no "
-            f"{MODEL_YAML}): create one with `python tools/convert_checkpoint.py from-hf HF_DIR OUT`"
-        )
-    return weights_dir
 
 
 def _count_validation_batches(val_set: Dataset, plan: ParallelPlan,

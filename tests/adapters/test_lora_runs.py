@@ -1,10 +1,14 @@
 """LoRA runs through the real launcher: only the adapters learn, 2 ranks learn what 1 process
-does (data, tensor or pipeline parallel), and the adapters open in transformers + PEFT (and
-merged) with llmscale's logits."""
+does (data, tensor or pipeline parallel), checkpoints hold the adapters and not the frozen base
+(which a resume and an export make again from where the run got it), and the adapters open in
+transformers + PEFT (and merged) with llmscale's logits."""
+
+import shutil
+import subprocess
 
 import pytest
 import torch
-from launching import launch, load_tool, metrics
+from launching import REPO_ROOT, clean_env, launch, load_tool, metrics, pretrain_command
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
@@ -12,7 +16,9 @@ from transformers import LlamaForCausalLM
 from llmscale.adapters.lora import apply_lora, is_adapter
 from llmscale.checkpoint.checkpointer import find_latest_checkpoint
 from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
+from llmscale.checkpoint.hf import save_weights
 from llmscale.checkpoint.peft_export import adapter_config_of, without_adapters
+from llmscale.checkpoint.safe_load import load_deepspeed_file
 from llmscale.eval.model_source import load_model
 from llmscale.models import Llama
 
@@ -35,10 +41,29 @@ def saved_weights(run_dir):
     return step_dir, consolidated_state_dict(step_dir)
 
 
-def test_only_the_adapters_learn(lora_run):
+def assert_holds_the_adapters_alone(step_dir):
+    """Every model-states file of the step folder (one per tensor rank, or one per pipeline
+    layer) holds adapters only: no frozen weight, not even ZeRO-2's fragments of them."""
+    names = []
+    for path in step_dir.glob("*model_states.pt"):
+        state = load_deepspeed_file(path)
+        if path.name.startswith("layer_"):
+            names += list(state)
+        else:
+            names += list(state["module"] or {})
+            assert not state.get("frozen_param_fragments"), path
+    assert names and all(is_adapter(name) for name in names), names
+
+
+def test_only_the_adapters_learn_and_are_saved(lora_run):
     losses = metrics(lora_run, "loss")
     assert losses[STEPS] < losses[1] - 0.1, losses
     step_dir, saved = saved_weights(lora_run)
+    assert_holds_the_adapters_alone(step_dir)
+    # (Measured: 0.6 MB, against 2.2 MB when the frozen base was saved too.)
+    folder_bytes = sum(path.stat().st_size for path in step_dir.iterdir())
+    base_bytes = sum(t.numel() * 4 for t in without_adapters(saved).values())
+    assert folder_bytes < base_bytes / 2, (folder_bytes, base_bytes)
     torch.manual_seed(SEED)
     initial = Llama(model_config_of(step_dir)).state_dict()
     base = without_adapters(saved)
@@ -62,8 +87,9 @@ def test_two_ranks_match_one_process(zero_stage, lora_run, tmp_path):
     for name, tensor in expected.items():
         if is_adapter(name):
             assert (saved[name] - tensor).abs().max() < 1e-5, name
-        else:  # the frozen base: the module copy (ZeRO 0-1) or ZeRO-2's frozen fragments
+        else:  # the frozen base, not saved: both drawn again from the seed
             assert torch.equal(saved[name], tensor), name
+    assert_holds_the_adapters_alone(find_latest_checkpoint(tmp_path / "checkpoints"))
 
 
 def logits(model, vocab_size: int) -> torch.Tensor:
@@ -115,6 +141,38 @@ def test_adapter_export_of_a_run_without_adapters_is_refused(tmp_path):
         adapter_config_of(step_dir)
 
 
+def test_a_base_from_a_weights_folder_is_read_again_and_named_once_moved(lora_run, tmp_path,
+                                                                          capsys):
+    """A run started from `train.init_from`: its exports read the base from that folder again;
+    once the folder is gone, exports and a resume fail naming it, and the adapters still
+    export to PEFT (they need no base)."""
+    cfg = model_config_of(find_latest_checkpoint(lora_run / "checkpoints"))
+    torch.manual_seed(7)  # unlike the run's own seeded weights
+    expected = Llama(cfg).state_dict()
+    base = save_weights(expected, cfg, tmp_path / "base")
+    launch("python", tmp_path / "run", *COMMON, "train.max_steps=2", f"train.init_from={base}")
+    step_dir, saved = saved_weights(tmp_path / "run")
+    assert_holds_the_adapters_alone(step_dir)
+    assert without_adapters(saved).keys() == expected.keys()
+    assert all(torch.equal(saved[name], tensor) for name, tensor in expected.items())
+
+    base.rename(tmp_path / "moved")
+    tool = load_tool()
+    assert tool.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 0
+    for command in (["to-hf"], ["to-hf", "--merge"]):
+        assert tool.main([*command, str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+        error = capsys.readouterr().err
+        assert f"{base} has no model.yaml, it was moved or deleted" in error, error
+    with pytest.raises(ValueError, match=f"train.init_from={base}"):
+        load_model(tmp_path / "run")
+    resume = subprocess.run(
+        pretrain_command("python", tmp_path / "run", *COMMON, f"train.init_from={base}"),
+        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert resume.returncode == 2, resume.stdout[-3000:] + resume.stderr[-3000:]
+    assert f"llmscale: error: checkpoint {step_dir} holds an adapter run's adapters" in \
+        resume.stderr and "Traceback" not in resume.stderr
+
+
 @pytest.mark.slow
 def test_stop_and_resume_equals_the_uninterrupted_run(lora_run, tmp_path):
     launch("python", tmp_path, *COMMON, "train.exit_at_step=2")
@@ -163,8 +221,9 @@ def exported(run_dir, out_dir):
     (["parallel.tp=2", "parallel.sequence_parallel=true"], 1e-5),
     (["parallel.pp=2"], 1e-6),
 ], ids=["tp2-sequence-parallel", "pp2"])
-def test_tensor_and_pipeline_parallel_match_one_process(layout, tolerance, untied_lora_run,
-                                                        untied_exports, tmp_path):
+def test_tensor_and_pipeline_parallel_match_one_process_and_resume(layout, tolerance,
+                                                                   untied_lora_run,
+                                                                   untied_exports, tmp_path):
     launch("torchrun", tmp_path / "run", *UNTIED, *layout)
     losses, reference = metrics(tmp_path / "run", "loss"), metrics(untied_lora_run, "loss")
     assert sorted(losses) == list(range(1, STEPS + 1))
@@ -175,3 +234,19 @@ def test_tensor_and_pipeline_parallel_match_one_process(layout, tolerance, untie
     assert any(name.endswith("lora_A.weight") for name in files)
     for name, tensor in untied_exports.items():
         assert (files[name] - tensor).abs().max() <= tolerance, name
+
+    # Stopped after step 2, its checkpoint holding the adapters alone: resumed on the same
+    # layout, the uninterrupted losses bit for bit; on one process (through the universal
+    # conversion), one process's within 1e-5. Both make the frozen base again from the seed.
+    stopped = tmp_path / "stopped"
+    launch("torchrun", stopped, *UNTIED, *layout, "train.exit_at_step=2")
+    assert_holds_the_adapters_alone(find_latest_checkpoint(stopped / "checkpoints"))
+    shutil.copytree(stopped, tmp_path / "one_process")
+    launch("torchrun", stopped, *UNTIED, *layout)
+    resumed = metrics(stopped, "loss")
+    assert [resumed[step] for step in (3, 4)] == [losses[step] for step in (3, 4)]
+    assert "converting it to a universal checkpoint" in launch(
+        "python", tmp_path / "one_process", *UNTIED)
+    resumed = metrics(tmp_path / "one_process", "loss")
+    for step in (3, 4):
+        assert abs(resumed[step] - reference[step]) / reference[step] < 1e-5, step

@@ -17,7 +17,9 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 from llmscale.checkpoint.checkpointer import find_latest_checkpoint
-from llmscale.checkpoint.consolidate import consolidated_state_dict, model_config_of
+from llmscale.checkpoint.consolidate import (
+    consolidated_state_dict, model_config_of, saved_state_dict,
+)
 from llmscale.checkpoint.gguf import gguf_file_in_package
 from llmscale.checkpoint.hf import (
     export_hf, import_hf, load_initial_weights, read_safetensors, save_weights,
@@ -135,7 +137,7 @@ def test_bf16_zero0_master_weights_are_matched_to_their_names(tmp_path):
     torch.save({"module": bf16_module, "optimizer": {"fp32_groups": groups}},
                step_dir / "mp_rank_00_model_states.pt")
 
-    consolidated = consolidated_state_dict(step_dir)
+    consolidated = saved_state_dict(step_dir)
     assert set(consolidated) == set(bf16_module)
     for name, master in masters.items():
         assert torch.equal(consolidated[name], master.detach()), name

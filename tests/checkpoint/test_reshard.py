@@ -1,12 +1,11 @@
 """The tensor-parallel merge rules saved with a checkpoint: adapters follow their projections'
 split, and only rules that name a trained parameter are saved (DeepSpeed refuses the others)."""
 
-import torch
 from deepspeed.checkpoint.constants import (
     PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS,
 )
 
-from llmscale.checkpoint.reshard import merged_tensor_shards, universal_info
+from llmscale.checkpoint.reshard import universal_info
 
 LAYER = "model.layers.0."
 
@@ -21,11 +20,3 @@ def test_a_lora_run_names_the_rules_of_its_adapters_only():
     assert len(full[TP_REPLICATED_PARAMETER_PATTERNS]) == 1
     assert len(full[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS]) == 1
 
-
-def test_shards_merge_as_their_layers_split():
-    shards = [torch.full((2, 4), 0.0), torch.full((2, 4), 1.0)]
-    assert merged_tensor_shards(LAYER + "mlp.up_proj.lora_B.weight", shards).shape == (4, 4)
-    assert merged_tensor_shards(LAYER + "mlp.down_proj.lora_A.weight", shards).shape == (2, 8)
-    assert merged_tensor_shards(LAYER + "mlp.down_proj.weight", shards).shape == (2, 8)
-    assert torch.equal(merged_tensor_shards(LAYER + "mlp.up_proj.lora_A.weight", shards), shards[0])
-    assert torch.equal(merged_tensor_shards(LAYER + "mlp.down_proj.lora_B.weight", shards), shards[0])
