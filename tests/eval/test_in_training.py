@@ -124,3 +124,30 @@ def test_an_unknown_task_is_refused_by_name():
     with pytest.raises(ConfigError, match="Invalid value 'mmlu', expected one of "
                                           r"\[choice, exact_match, perplexity\]"):
         load_config(["+exp=tiny", "train.evaluators=[{task:mmlu,examples:x.jsonl}]"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_two_ranks_log_what_the_command_reports(zero_stage, tmp_path, monkeypatch):
+    """ZeRO-1 splits the examples over the ranks (5 examples, 5 windows in 3 batches: uneven
+    shares); ZeRO-3 runs every example on every rank, its layers gathered in step."""
+    run_dir = tmp_path / "run"
+    launch("torchrun", run_dir, "train.max_steps=2", "train.eval_interval=2",
+           "train.eval_batches=1", "checkpoint.interval=2", "optim.warmup_steps=1",
+           f"parallel.zero_stage={zero_stage}",
+           "train.evaluators=[{task:choice,name:lines,examples:data/eval/next_line.jsonl,"
+           "limit:5,delimiter:''},{task:perplexity,data:[data/shakespeare/tempest.txt],"
+           "seq_len:64,limit:5,batch_size:2},{task:exact_match,"
+           "examples:data/eval/next_speaker.jsonl,limit:3,max_new_tokens:4,contains:true}]")
+    monkeypatch.chdir(REPO_ROOT)
+    checkpoint = run_dir / "checkpoints" / step_dir_name(2)
+    choice = command_metrics(checkpoint, "lines", tmp_path, "--limit", "5")
+    perplexity = command_metrics(checkpoint, "tempest", tmp_path, "--max-windows", "5",
+                                 "--batch-size", "2")
+    exact = command_metrics(checkpoint, "next_speaker", tmp_path)
+    assert logged(run_dir, "eval/lines/acc_norm")[2] == choice["acc_norm"]
+    assert logged(run_dir, "eval/lines/examples")[2] == 5
+    assert logged(run_dir, "eval/tempest/loss")[2] == pytest.approx(perplexity["loss"],
+                                                                     rel=1e-6)
+    assert logged(run_dir, "eval/tempest/windows")[2] == 5
+    assert logged(run_dir, "eval/next_speaker/exact_match")[2] == exact["exact_match"]
