@@ -81,7 +81,10 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     exact.add_argument("--first-line", action="store_true",
                        help="compare only the first non-empty line of each generation")
     exact.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.step is not None and args.log_to_run is None:
+        parser.error("--step is the step --log-to-run logs at: give --log-to-run RUN_DIR too")
+    return args
 
 
 def run(args: argparse.Namespace) -> Dict:

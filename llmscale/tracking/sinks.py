@@ -1,4 +1,5 @@
-"""Where metrics go: console, JSONL, TensorBoard and W&B, behind one small interface.
+"""Where metrics go: console, JSONL, TensorBoard and W&B, behind one small interface, for the
+training loop and for results appended to a run later (`tools/evaluate.py --log-to-run`).
 
 Sinks live on rank 0 only; the loop hands every one the same dict and never asks which. Values
 are numbers, except the labels of an anomalous step's record ("anomaly": "nan", "action": "skip").

@@ -99,6 +99,12 @@ def test_log_to_run_refuses_a_folder_that_is_no_run(run_dir, tmp_path, monkeypat
     assert "perplexity of" not in capsys.readouterr().out  # refused before evaluating
 
 
+def test_step_without_log_to_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["choice", "runs/any", "--examples", "data/eval/next_line.jsonl", "--step", "3"])
+    assert "--step is the step --log-to-run logs at" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.evaluators=[{task:choice,examples:data/eval/missing.jsonl}]",
      "train.evaluators[0].examples=data/eval/missing.jsonl: no such file"),
