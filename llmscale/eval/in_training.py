@@ -7,14 +7,14 @@ forward gathers each layer's weights from all ranks, so there every rank runs ev
 the ranks then call the same layers in the same order, as the gathers need."""
 
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import EvaluatorConfig
 from llmscale.data import Tokenizer
-from llmscale.eval.model_source import with_tokenizer
+from llmscale.eval.model_source import LoadedModel, with_tokenizer
 from llmscale.eval.ranks import Ranks
 from llmscale.eval.tasks import PreparedTask, prepare_task, run_metrics, run_task
 from llmscale.models import Llama
@@ -29,7 +29,11 @@ class TrainingEvaluators:
         self.tasks: List[PreparedTask] = [
             prepare_task(spec, tokenizer, root, f"train.evaluators[{index}].data")
             for index, spec in enumerate(specs)]
-        self.loaded = with_tokenizer(model, tokenizer, getattr(tokenizer, "path", None), run_dir)
+        # Only with evaluators: a run without them reads nothing more.
+        self.loaded: Optional[LoadedModel] = None
+        if self.tasks:
+            self.loaded = with_tokenizer(model, tokenizer, getattr(tokenizer, "path", None),
+                                         run_dir)
         self.ranks = (Ranks(0, 1, device) if plan.zero_stage == 3
                       else Ranks(dp_rank, plan.dp, device))
 
