@@ -15,7 +15,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "llmscale"
 # files.py, wheelhouse.py) sit in the first layer.
 LAYERS = [
     ("llmscale", "config"),
-    ("adapters",),
+    ("adapters", "tracking"),
     ("models", "data"),
     ("optim", "prep", "objectives"),
     ("parallel",),

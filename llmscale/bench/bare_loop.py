@@ -31,8 +31,8 @@ from llmscale.optim.lr_schedule import build_lr_scheduler
 from llmscale.optim.optimizer import build_optimizer
 from llmscale.parallel.distributed import end_distributed, init_distributed, read_world_size
 from llmscale.parallel.parallelize import parallelize
+from llmscale.tracking.sinks import JsonlSink
 from llmscale.train.peak_memory import peak_memory_metrics
-from llmscale.train.sinks import JsonlSink
 from llmscale.train.throughput import ThroughputMeter, peak_tflops
 from llmscale.train.trainer import seed_everything
 

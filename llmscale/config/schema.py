@@ -69,6 +69,15 @@ class DPOLoss(str, Enum):
     simpo = "simpo"
 
 
+class EvaluatorTask(str, Enum):
+    # Multiple choice by log-likelihood: acc, acc_norm.
+    choice = "choice"
+    # Greedy answers compared with the expected ones: exact_match.
+    exact_match = "exact_match"
+    # Held-out loss and perplexity of text files or a prepared dataset.
+    perplexity = "perplexity"
+
+
 class LRDecay(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -226,6 +235,33 @@ class MaskedLMConfig:
 
 
 @dataclass
+class EvaluatorConfig:
+    """One evaluation of `tools/evaluate.py`, run on the live model every train.eval_interval
+    steps and logged as `eval/<name>/<metric>`. Paths are relative to the checkout."""
+
+    task: EvaluatorTask = MISSING
+    # The metrics' prefix; None: the stem of `examples` (or of the first `data` entry).
+    name: Optional[str] = None
+    # choice, exact_match: a JSONL file of examples.
+    examples: Optional[str] = None
+    # perplexity: text files, folders or globs, or a prepared dataset folder.
+    data: List[str] = field(default_factory=list)
+    # The first N examples (perplexity: windows); 0: all.
+    limit: int = 0
+    # choice: the text between context and each choice.
+    delimiter: str = " "
+    # exact_match: as `tools/evaluate.py exact-match` (chat_template=false is
+    # --no-chat-template).
+    max_new_tokens: int = 32
+    chat_template: bool = True
+    contains: bool = False
+    first_line: bool = False
+    # perplexity: tokens per window (0: the model's max_seq_len), windows per forward.
+    seq_len: int = 0
+    batch_size: int = 4
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     # End this launch after this step, with a checkpoint, leaving the schedule (set by
@@ -247,6 +283,8 @@ class TrainConfig:
     eval_interval: int = 50
     # Global batches of held-out samples per evaluation (the same samples for any dp size).
     eval_batches: int = 8
+    # Evaluations of `tools/evaluate.py` run at every validation (EvaluatorConfig).
+    evaluators: List[EvaluatorConfig] = field(default_factory=list)
     log_interval: int = 10
     # "auto" resumes from the newest checkpoint in the run folder, "none" starts fresh,
     # anything else is the path of a checkpoint folder to resume from.

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from llmscale.config.adapter_rules import adapter_rules
+from llmscale.config.evaluator_rules import evaluator_rules
 from llmscale.config.load import ConfigError
 from llmscale.config.objective_rules import objective_rules
 from llmscale.config.plan import ParallelPlan
@@ -27,7 +28,7 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         raise ConfigError(_report(errors))
     errors = [*_anomaly_rules(cfg), *_model_rules(cfg), *_expert_rules(cfg),
               *adapter_rules(cfg), *_fast_path_rules(cfg), *_data_rules(cfg),
-              *_optim_rules(cfg), *objective_rules(cfg)]
+              *_optim_rules(cfg), *objective_rules(cfg), *evaluator_rules(cfg)]
     dp, layout_errors = _layout_rules(cfg, world_size)
     accum, batch_errors = _batch_rules(cfg, dp)
     errors += [*layout_errors, *_zero_rules(cfg), *batch_errors]

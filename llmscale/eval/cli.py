@@ -8,7 +8,11 @@ merged), a checkpoint step folder, an llmscale weights folder or a Hugging Face 
 
 Examples are split over the ranks of `torchrun --nproc_per_node N tools/evaluate.py ...` and the
 results gathered: any N gives the same results as one process. Rank 0 prints a summary and
-writes the results to --output as JSON.
+writes the results to --output as JSON, and with --log-to-run RUN_DIR appends the metrics to
+the run's metrics.jsonl as eval/NAME/METRIC, the names `train.evaluators` log under:
+
+    python tools/evaluate.py choice runs/tiny --examples data/eval/next_line.jsonl \
+        --log-to-run runs/tiny
 """
 
 import argparse
@@ -23,6 +27,7 @@ import torch
 from llmscale.user_errors import exit_code_of
 
 if TYPE_CHECKING:
+    from llmscale.config.schema import EvaluatorConfig
     from llmscale.eval.ranks import Ranks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +45,14 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     common.add_argument("--output", type=Path, default=None, help="write the results as JSON")
     common.add_argument("--device", default="auto", help="'cpu', 'cuda' (default: a GPU if any)")
     common.add_argument("--dtype", choices=DTYPES, default="float32")
+    common.add_argument("--name", default=None,
+                        help="the results' name, eval/NAME/METRIC in a run's metrics (default: "
+                             "the stem of the examples or first data file)")
+    common.add_argument("--log-to-run", type=Path, default=None, metavar="RUN_DIR",
+                        help="also append the metrics to that run's metrics.jsonl (and "
+                             "TensorBoard and W&B where its config logs there)")
+    common.add_argument("--step", type=int, default=None,
+                        help="the step to log them at (default: the evaluated checkpoint's)")
     tasks = parser.add_subparsers(dest="task", required=True)
     perplexity = tasks.add_parser("perplexity", parents=[common],
                                   help="held-out loss and perplexity")
@@ -68,7 +81,10 @@ def parse_args(argv: Optional[list]) -> argparse.Namespace:
     exact.add_argument("--first-line", action="store_true",
                        help="compare only the first non-empty line of each generation")
     exact.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.step is not None and args.log_to_run is None:
+        parser.error("--step is the step --log-to-run logs at: give --log-to-run RUN_DIR too")
+    return args
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -80,41 +96,52 @@ def run(args: argparse.Namespace) -> Dict:
 
 def _evaluate(args: argparse.Namespace, ranks: "Ranks") -> Dict:
     from llmscale.eval.model_source import load_model
+    from llmscale.eval.tasks import prepare_task, run_task
 
+    if args.log_to_run:  # before the evaluation, which may take long
+        from llmscale.eval.run_log import check_run
+
+        check_run(args.log_to_run)
     started = time.perf_counter()
     loaded = load_model(args.model, args.tokenizer, ranks.device, DTYPES[args.dtype])
     loaded_at = time.perf_counter()
-    if args.task == "perplexity":
-        from llmscale.eval.perplexity import evaluate_perplexity, token_stream
-
-        results = evaluate_perplexity(loaded, token_stream(args.data, loaded.tokenizer), ranks,
-                                      args.seq_len, args.batch_size, args.max_windows)
-        source = " ".join(args.data)
-    elif args.task == "choice":
-        from llmscale.eval.multiple_choice import evaluate_choices, read_choices
-
-        results = evaluate_choices(loaded, read_choices(args.examples, args.limit), ranks,
-                                   args.delimiter)
-        source = str(args.examples)
-    else:
-        from llmscale.eval.exact_match import evaluate_exact_match, read_questions
-
-        results = evaluate_exact_match(loaded, read_questions(args.examples, args.limit), ranks,
-                                       args.max_new_tokens, not args.no_chat_template,
-                                       args.contains, args.first_line)
-        source = str(args.examples)
+    task = prepare_task(evaluator_of(args), loaded.tokenizer, Path.cwd(), "--data")
+    results = run_task(task, loaded, ranks)
     timing = results.pop("timing", {})
     timing.update(load_seconds=round(loaded_at - started, 3),
                   eval_seconds=round(time.perf_counter() - loaded_at, 3),
                   world_size=ranks.world_size)
-    report = {"task": args.task, "model": str(loaded.origin), "data": source, **results,
-              "timing": timing}
+    report = {"task": args.task, "name": task.name, "model": str(loaded.origin),
+              "data": task.source, **results, "timing": timing}
     if ranks.is_main:
         if args.output:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(report, indent=2) + "\n")
         print(summary(report))
+        if args.log_to_run:
+            from llmscale.eval.run_log import log_to_run
+
+            step = log_to_run(args.log_to_run, args.step, loaded.origin, task.name,
+                              report["metrics"])
+            print(f"logged to {args.log_to_run} at step {step} as eval/{task.name}/...")
     return report
+
+
+def evaluator_of(args: argparse.Namespace) -> "EvaluatorConfig":
+    """The command line's task as the `train.evaluators` entry that runs the same."""
+    from llmscale.config.schema import EvaluatorConfig, EvaluatorTask
+
+    task = EvaluatorTask(args.task.replace("-", "_"))
+    if task is EvaluatorTask.perplexity:
+        return EvaluatorConfig(task, args.name, data=list(args.data), limit=args.max_windows,
+                               seq_len=args.seq_len, batch_size=args.batch_size)
+    if task is EvaluatorTask.choice:
+        return EvaluatorConfig(task, args.name, str(args.examples), limit=args.limit,
+                               delimiter=args.delimiter)
+    return EvaluatorConfig(task, args.name, str(args.examples), limit=args.limit,
+                           max_new_tokens=args.max_new_tokens,
+                           chat_template=not args.no_chat_template, contains=args.contains,
+                           first_line=args.first_line)
 
 
 def summary(report: Dict) -> str:

@@ -66,8 +66,15 @@ def load_model(path: Path, tokenizer: Optional[str] = None,
     model = _built(cfg, state_dict, device, dtype)
     if data.document_attention:  # as the run trained: packed documents kept apart
         model.use_document_attention(partial(document_position_ids, eod_id=chosen.eod_id))
-    return LoadedModel(model, chosen, origin, _own_chat_template(tokenizer_path),
-                       stop_ids(path, tokenizer_path, chosen.eod_id))
+    return with_tokenizer(model, chosen, tokenizer_path, origin)
+
+
+def with_tokenizer(model: Llama, tokenizer: Tokenizer, tokenizer_path: Optional[Path],
+                   origin: Path) -> LoadedModel:
+    """`model` (loaded, or live in a training run) with its tokenizer, the chat template
+    shipped beside the tokenizer and the ids that end a generation."""
+    return LoadedModel(model, tokenizer, origin, _own_chat_template(tokenizer_path),
+                       stop_ids(origin, tokenizer_path, tokenizer.eod_id))
 
 
 @dataclass

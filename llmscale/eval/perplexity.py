@@ -18,16 +18,19 @@ from llmscale.eval.ranks import Ranks
 from llmscale.models.llama import token_cross_entropy
 
 
-def token_stream(sources: List[str], tokenizer: Tokenizer) -> torch.Tensor:
+def token_stream(sources: List[str], tokenizer: Tokenizer, root: Path,
+                 setting: str) -> torch.Tensor:
     """The token ids of every source in order: a prepared dataset's documents as stored, a
-    text file (or the files under a folder, or a glob) encoded as one document each."""
+    text file (or the files under a folder, or a glob) encoded as one document each. Relative
+    paths start at `root`; `setting` names the sources in errors."""
     streams = []
     for source in sources:
         path = Path(source).expanduser()
+        path = path if path.is_absolute() else root / path
         if path.is_dir() and any(path.glob("*.idx")):
             streams.append(_prepared_tokens(path, tokenizer))
         else:
-            streams.append(load_token_stream(resolve_paths([source], Path.cwd(), "--data"),
+            streams.append(load_token_stream(resolve_paths([source], root, setting),
                                              tokenizer))
     return torch.cat(streams)
 

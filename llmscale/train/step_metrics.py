@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from llmscale.models.moe import MoEFeedForward
+from llmscale.tracking.sinks import Metrics
 from llmscale.train.anomaly import Anomaly
 from llmscale.train.peak_memory import peak_memory_metrics
-from llmscale.train.sinks import Metrics
 from llmscale.train.throughput import ThroughputMeter
 
 

@@ -35,6 +35,7 @@ from llmscale.data.sampler import micro_batch_positions
 from llmscale.data.tokenizer import mask_token_id
 from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.data.chat_samples import ChatSamples
+from llmscale.eval.in_training import TrainingEvaluators
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.objectives.masked_lm import MaskedLMBatches
@@ -42,11 +43,11 @@ from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine
 from llmscale.parallel.parallelize import parallelize
 from llmscale.parallel.topology import init_model_parallel
+from llmscale.tracking.sinks import Metrics, build_sinks
 from llmscale.train.anomaly import (
     Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
 )
 from llmscale.train.fault_injection import inject_loss_faults
-from llmscale.train.sinks import Metrics, build_sinks
 from llmscale.train.step import train_step
 from llmscale.train.step_metrics import FinishedStep, collect, step_collectors
 from llmscale.train.stop_file import StopFile
@@ -136,9 +137,15 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             sink.log(state.step, metrics)
 
     # The masked-LM accuracy reads whole logits, which one-stage, one-shard plans have.
-    validate_run = partial(evaluate, engine, val_batches, process.device,
-                           masked_lm is not None and plan.tp == plan.pp == 1,
-                           global_token_mean=bool(cfg.data.chat))
+    validation = partial(evaluate, engine, val_batches, process.device,
+                         masked_lm is not None and plan.tp == plan.pp == 1,
+                         global_token_mean=bool(cfg.data.chat))
+    evaluators = TrainingEvaluators(cfg.train.evaluators, model, tokenizer, plan, dp_rank,
+                                    process.device, run_dir, REPO_ROOT)
+
+    def validate_run() -> Metrics:
+        return {**validation(), **evaluators()}
+
     first_val = validate_run() if state.step == 0 else None
     if first_val:
         log(first_val)

@@ -12,9 +12,9 @@ import torch
 
 from llmscale.config import ConfigError, load_config, validate
 from llmscale.config.schema import AnomalyPolicy, TrainConfig
+from llmscale.tracking.sinks import ConsoleSink, JsonlSink, TensorBoardSink
 from llmscale.train.anomaly import LossGuard, summarize, update_withheld
 from llmscale.train.fault_injection import SPIKE, inject_loss_faults
-from llmscale.train.sinks import ConsoleSink, JsonlSink, TensorBoardSink
 
 CHECKPOINT = Path("runs/x/checkpoints/step_00000040")
 

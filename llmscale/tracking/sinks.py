@@ -1,4 +1,5 @@
-"""Where metrics go: console, JSONL, TensorBoard and W&B, behind one small interface.
+"""Where metrics go: console, JSONL, TensorBoard and W&B, behind one small interface, for the
+training loop and for results appended to a run later (`tools/evaluate.py --log-to-run`).
 
 Sinks live on rank 0 only; the loop hands every one the same dict and never asks which. Values
 are numbers, except the labels of an anomalous step's record ("anomaly": "nan", "action": "skip").
@@ -51,12 +52,13 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict,
+                 job_type: str = "train"):
         import wandb
 
         self.run = wandb.init(
             project=cfg.wandb_project, name=run_name, dir=str(run_dir), mode=cfg.wandb_mode,
-            config=config,
+            config=config, job_type=job_type,
         )
 
     def log(self, step: int, metrics: Metrics) -> None:
@@ -105,11 +107,19 @@ def build_sinks(
     cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict, total_steps: int,
     start_step: int, log_interval: int,
 ) -> List[MetricSink]:
-    sinks: List[MetricSink] = [ConsoleSink(total_steps, start_step, log_interval, cfg.progress_bar)]
+    return [ConsoleSink(total_steps, start_step, log_interval, cfg.progress_bar),
+            *run_records(cfg, run_dir, run_name, config)]
+
+
+def run_records(cfg: LoggingConfig, run_dir: Path, run_name: str, config: dict,
+                job_type: str = "train") -> List[MetricSink]:
+    """The run's lasting records that `cfg` turns on: `metrics.jsonl`, TensorBoard, W&B (a run
+    of `job_type`: an evaluation appended later is a run of its own, in the same project)."""
+    sinks: List[MetricSink] = []
     if cfg.jsonl:
         sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
     if cfg.wandb:
-        sinks.append(WandbSink(cfg, run_dir, run_name, config))
+        sinks.append(WandbSink(cfg, run_dir, run_name, config, job_type))
     return sinks
