@@ -83,3 +83,10 @@ class FrozenNF4Weight:
         else:
             self._buffers["weight"] = quantize(dequantize(weight).to(moved.device, moved.dtype))
         return self
+
+
+def as_held(weight: torch.Tensor, shards: int = 1, dim: int = 0) -> torch.Tensor:
+    """The values a QLoRA layer computes with for the frozen `weight`: quantised as its ranks
+    held it (each of `shards` tensor-parallel shards along `dim` alone), then dequantised."""
+    return torch.cat([dequantize(quantize(shard)) for shard in weight.chunk(shards, dim=dim)],
+                     dim=dim)
