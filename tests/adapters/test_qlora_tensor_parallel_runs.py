@@ -14,6 +14,7 @@ from llmscale.adapters import nf4
 from llmscale.adapters.lora import is_adapter
 from llmscale.checkpoint.checkpointer import find_latest_checkpoint
 from llmscale.checkpoint.hf import save_weights
+from llmscale.eval.model_source import load_model
 from llmscale.models import Llama
 from llmscale.parallel.adapter_memory import COLUMN_PARALLEL
 
@@ -100,7 +101,8 @@ def test_qlora_at_tp2_resumes_exactly_on_the_same_layout(qlora_run, tmp_path):
 
 def test_qlora_at_tp2_is_lora_at_tp2_on_the_shard_rounded_base(qlora_run, bases, tmp_path):
     """Bit for bit: the NF4 shards dequantise to the rounded base's shards, and the layers sum
-    in the same order; the differences from one process above are tensor parallelism's."""
+    in the same order; the differences from one process above are tensor parallelism's. The
+    model evaluation loads from the QLoRA run merges its adapters into the same rounded base."""
     run_dir, settings = qlora_run
     lora = [item.replace("adapter=qlora", "adapter=lora").replace(str(bases[0]), str(bases[1]))
             for item in settings]
@@ -108,3 +110,6 @@ def test_qlora_at_tp2_is_lora_at_tp2_on_the_shard_rounded_base(qlora_run, bases,
     assert metrics(tmp_path, "loss") == metrics(run_dir, "loss")
     (_, saved), (_, expected) = saved_weights(tmp_path), saved_weights(run_dir)
     assert all(torch.equal(saved[name], tensor) for name, tensor in expected.items())
+    evaluated, expected = load_model(run_dir).model, load_model(tmp_path).model.state_dict()
+    assert all(torch.equal(tensor, expected[name])
+               for name, tensor in evaluated.state_dict().items())
