@@ -49,33 +49,9 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
-class QLoRALinear(LoRALinear):
-    """LoRALinear whose frozen weight is stored in NF4 and dequantised, to the input's dtype,
-    for each product (`F.linear` on an NF4 tensor). On the meta device the weight stays a
-    placeholder until `quantize_base` gets its values."""
-
-    def freeze(self, weight: nn.Parameter) -> None:
-        stored = weight.detach() if weight.is_meta else nf4.quantize(weight)
-        self.register_buffer("weight", stored, persistent=False)
-
-    def quantize_base(self, weight: torch.Tensor) -> None:
-        self.weight = nf4.quantize(weight)
-
-    def _apply(self, fn, recurse=True):
-        """Moves keep the weight in NF4; a cast (the engine's `.bfloat16()`, which would
-        otherwise leave it dequantised) quantises it again in the new dtype."""
-        weight = self._buffers["weight"]
-        if weight.is_meta or not nf4.is_quantized(weight):
-            return super()._apply(fn, recurse)
-        del self._buffers["weight"]
-        super()._apply(fn, recurse)
-        moved = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
-        if moved.dtype == weight.dtype:
-            self._buffers["weight"] = weight.to(moved.device)
-        else:
-            self._buffers["weight"] = nf4.quantize(
-                nf4.dequantize(weight).to(moved.device, moved.dtype))
-        return self
+class QLoRALinear(nf4.FrozenNF4Weight, LoRALinear):
+    """LoRALinear whose frozen weight is stored in NF4 (`nf4.FrozenNF4Weight`) and dequantised,
+    to the input's dtype, for each product (`F.linear` on an NF4 tensor)."""
 
 
 LAYERS = {AdapterKind.lora: LoRALinear, AdapterKind.qlora: QLoRALinear}
@@ -95,13 +71,16 @@ def lora_initial_value(name: str, shape: Sequence[int],
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
+def apply_lora(model: nn.Module, cfg: AdapterConfig, quantize: bool = True) -> None:
     """Freeze every weight of `model` (a `Llama`) and wrap its target projections (in
     `QLoRALinear` for `adapter.kind=qlora`). On the meta device the adapters (and QLoRA's
     frozen bases) stay shapes for `parallelize` to fill; otherwise they get their initial values
-    here, from `model.initial_value`, the same under any layout."""
+    here, from `model.initial_value`, the same under any layout. `quantize=False` leaves
+    QLoRA's bases in full precision (LoRA layers), for tensor parallelism to split and quantise
+    each rank's shard of them."""
     if cfg.kind not in LAYERS:
         return
+    layer_class = LAYERS[cfg.kind if quantize else AdapterKind.lora]
     model.requires_grad_(False)
     targets = set(cfg.target_modules)
     wrapped = 0
@@ -109,7 +88,7 @@ def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
         parent_name, _, attribute = name.rpartition(".")
         if attribute in targets and type(module) is nn.Linear:
             parent = model.get_submodule(parent_name)
-            layer = LAYERS[cfg.kind](module, cfg.rank, cfg.alpha, cfg.dropout)
+            layer = layer_class(module, cfg.rank, cfg.alpha, cfg.dropout)
             setattr(parent, attribute, layer)
             wrapped += 1
     if not wrapped:
@@ -121,13 +100,17 @@ def apply_lora(model: nn.Module, cfg: AdapterConfig) -> None:
                 param.copy_(model.initial_value(name, param.shape))
 
 
-def quantize_initial_bases(model: nn.Module) -> None:
+def quantize_initial_bases(model: nn.Module, tp: int = 1, rank: int = 0) -> None:
     """The frozen NF4 weights of QLoRA layers built on the meta device, from their seeded
-    initial values (`model.initial_value`, the base's own name), one at a time."""
+    initial values (`model.initial_value`, the base's own name), one at a time; a
+    tensor-parallel layer's from its own shard (`rank` of `tp`) of the whole weight's."""
     for name, module in model.named_modules():
-        if isinstance(module, QLoRALinear) and not nf4.is_quantized(module.weight):
-            weight = f"{name}.weight"
-            module.quantize_base(model.initial_value(weight, module.weight.shape))
+        if isinstance(module, nf4.FrozenNF4Weight) and not nf4.is_quantized(module.weight):
+            shape, dim = list(module.weight.shape), module.shard_dim
+            if dim is not None:
+                shape[dim] *= tp
+            value = model.initial_value(f"{name}.weight", shape)
+            module.quantize_base(value if dim is None else value.chunk(tp, dim)[rank])
 
 
 def merge_adapters(state_dict: Dict[str, torch.Tensor],
@@ -152,7 +135,8 @@ def peft_names(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def describe_trainable(model: nn.Module) -> str:
     # (Under tensor parallelism the wrapped projections are Megatron's, adapted alike.)
     wrapped = sum(hasattr(module, "lora_A") for module in model.modules())
-    quantized = [module.weight for module in model.modules() if isinstance(module, QLoRALinear)]
+    quantized = [module.weight for module in model.modules()
+                 if isinstance(module, nf4.FrozenNF4Weight)]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in [*model.parameters(), *quantized])
     kind = "QLoRA (NF4 base)" if quantized else "LoRA"

@@ -47,3 +47,46 @@ def is_quantized(tensor: torch.Tensor) -> bool:
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
     return weight.get_original_weight()
+
+
+class FrozenNF4Weight:
+    """The NF4 frozen weight of a QLoRA layer, mixed into the layer (before its LoRA class):
+    one rank's whole projection (`QLoRALinear`) or its tensor-parallel shard
+    (`ColumnParallelQLoRA`, `RowParallelQLoRA`), quantised where it is held, from its own values.
+    A buffer kept out of the state dict: checkpoints hold no copy of it, and a start or a resume
+    quantises it again from the base weights. `shard_dim`: the dimension tensor parallelism
+    splits, None for a whole weight."""
+
+    shard_dim = None
+
+    def freeze(self, weight: torch.Tensor) -> None:
+        """Hold `weight` in NF4; on the meta device it stays a placeholder until
+        `quantize_base` gets its values."""
+        self._parameters.pop("weight", None)  # a megatron layer's own, unused, allocation
+        stored = weight.detach() if weight.is_meta else quantize(weight)
+        self.register_buffer("weight", stored, persistent=False)
+
+    def quantize_base(self, weight: torch.Tensor) -> None:
+        self.weight = quantize(weight)
+
+    def _apply(self, fn, recurse=True):
+        """Moves keep the weight in NF4; a cast (the engine's `.bfloat16()`, which would
+        otherwise leave it dequantised) quantises it again in the new dtype."""
+        weight = self._buffers["weight"]
+        if weight.is_meta or not is_quantized(weight):
+            return super()._apply(fn, recurse)
+        del self._buffers["weight"]
+        super()._apply(fn, recurse)
+        moved = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        if moved.dtype == weight.dtype:
+            self._buffers["weight"] = weight.to(moved.device)
+        else:
+            self._buffers["weight"] = quantize(dequantize(weight).to(moved.device, moved.dtype))
+        return self
+
+
+def as_held(weight: torch.Tensor, shards: int = 1, dim: int = 0) -> torch.Tensor:
+    """The values a QLoRA layer computes with for the frozen `weight`: quantised as its ranks
+    held it (each of `shards` tensor-parallel shards along `dim` alone), then dequantised."""
+    return torch.cat([dequantize(quantize(shard)) for shard in weight.chunk(shards, dim=dim)],
+                     dim=dim)

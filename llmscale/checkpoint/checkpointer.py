@@ -33,7 +33,7 @@ from llmscale.checkpoint.safe_load import weights_only_loads
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import ConfigError
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import CheckpointConfig
+from llmscale.config.schema import CheckpointConfig, TrainConfig
 from llmscale.files import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,30 @@ def prepare_resume(step_dir: Path, plan: ParallelPlan, rank: int) -> ResumeSourc
                         saved_tp=saved_plan["tp"])
 
 
+def check_frozen_base(step_dir: Path, fingerprint: str, train: TrainConfig) -> None:
+    """An adapter checkpoint resumes only on the base its adapters were trained on (saved
+    before the fingerprint existed: unchecked)."""
+    saved = json.loads((step_dir / STATE_FILE).read_text()).get("frozen_base")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(
+            f"checkpoint {step_dir} holds adapters trained on another frozen base ({saved}) than "
+            f"this resume makes ({fingerprint}, from train.init_from={train.init_from}, "
+            f"train.seed={train.seed}): resume with the base the run started from (the "
+            f"train.init_from and train.seed of {step_dir / 'config.yaml'}), or start a new "
+            "run in another train.run_dir"
+        )
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, checkpoint_dir: Path, rank: int,
-                 plan: ParallelPlan, config_yaml: str):
+                 plan: ParallelPlan, config_yaml: str, frozen_base: Optional[str] = None):
+        """`frozen_base`: an adapter run's base fingerprint (`frozen_base.base_fingerprint`)."""
         self.cfg = cfg
         self.checkpoint_dir = checkpoint_dir
         self.rank = rank
         self.plan = plan
         self.config_yaml = config_yaml
+        self.frozen_base = frozen_base
 
     def save(self, engine, state: TrainState) -> Path:
         final = self.checkpoint_dir / step_dir_name(state.step)
@@ -156,6 +172,8 @@ class Checkpointer:
             (partial / "config.yaml").write_text(self.config_yaml)
             record = {"train_state": asdict(state), "plan": asdict(self.plan),
                       "versions": _versions()}
+            if self.frozen_base:
+                record["frozen_base"] = self.frozen_base
             (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
             write_manifest(partial)
             if final.exists():  # the same step saved again after a relaunch

@@ -21,6 +21,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmscale.adapters import nf4
 from llmscale.checkpoint.checkpointer import STATE_FILE
 from llmscale.checkpoint.frozen_base import base_weights
 from llmscale.checkpoint.reshard import (
@@ -28,6 +29,7 @@ from llmscale.checkpoint.reshard import (
 )
 from llmscale.checkpoint.safe_load import weights_only_loads
 from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig, TrainConfig
+from llmscale.parallel.adapter_memory import COLUMN_PARALLEL
 
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -43,6 +45,22 @@ def consolidated_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:
         base = base_weights(model_config_of(step_dir), train, step_dir)
         weights = {**_standalone_fp32(base), **weights}
     return weights
+
+
+def nf4_rounded_base(step_dir: Path) -> Dict[str, torch.Tensor]:
+    """The frozen base of a QLoRA checkpoint as its layers computed with it: made again from
+    where the run got it, each target projection quantised to NF4 as the run's ranks held it
+    (each tensor-parallel shard alone) and dequantised. With the adapters merged into it, the
+    model the run trained (what evaluation scores); not an export: no checkpoint holds it."""
+    adapter = saved_settings(step_dir, "adapter", AdapterConfig, required=False)
+    train = saved_settings(step_dir, "train", TrainConfig, required=False)
+    tp = _saved_plan(step_dir).get("tp", 1)
+    base = _standalone_fp32(base_weights(model_config_of(step_dir), train, step_dir))
+    for name in list(base):
+        projection = name.split(".")[-2]
+        if projection in adapter.target_modules:
+            base[name] = nf4.as_held(base[name], tp, 0 if projection in COLUMN_PARALLEL else 1)
+    return base
 
 
 def saved_state_dict(step_dir: Path) -> Dict[str, torch.Tensor]:

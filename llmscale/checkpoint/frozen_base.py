@@ -3,9 +3,11 @@
 It is what the run started from: the weights folder `train.init_from` names, or the seeded
 initialisation. A start, a resume and an export each make it again from there, so a checkpoint
 holds only what training changes: the adapters, their optimizer state, the RNG states, the data
-position and the config (whose `train.init_from` and `train.seed` name the base).
+position and the config (whose `train.init_from` and `train.seed` name the base), and the
+base's fingerprint (`base_fingerprint`), which a resume checks against the base it made again.
 """
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -46,6 +48,19 @@ def base_weights(model: ModelConfig, train: TrainConfig,
     weights_dir = initial_weights_dir(train.init_from, checkpoint)
     return initial_weights(model, weights_dir) if weights_dir else seeded_weights(model,
                                                                                   train.seed)
+
+
+def base_fingerprint(train: TrainConfig, weights_dir: Optional[Path]) -> str:
+    """What identifies the frozen base: the SHA-256 of the weights folder's safetensors files
+    (its content: the folder may move), or the seed it is drawn from. Reads the files once."""
+    if weights_dir is None:
+        return f"seed {train.seed}"
+    digest = hashlib.sha256()
+    for path in sorted(Path(weights_dir).glob("*.safetensors")):
+        with path.open("rb") as file:
+            for chunk in iter(lambda: file.read(1 << 24), b""):
+                digest.update(chunk)
+    return f"sha256 {digest.hexdigest()}"
 
 
 def seeded_weights(cfg: ModelConfig, seed: int) -> Dict[str, torch.Tensor]:

@@ -43,18 +43,24 @@ def adapter_rules(cfg: LLMScaleConfig) -> List[str]:
 
 
 def qlora_rules(cfg: LLMScaleConfig) -> List[str]:
-    """What QLoRA adds: torchao, one whole NF4 weight per rank, dimensions in whole blocks."""
+    """What QLoRA adds: torchao, no pipeline stages, dimensions (and, under tensor parallelism,
+    each rank's shard of them) in whole blocks."""
     par, errors = cfg.parallel, []
     if importlib.util.find_spec("torchao") is None:
         errors.append("adapter.kind=qlora stores the base in NF4 with torchao: "
                       "pip install 'llmscale[qlora]'")
-    if par.tp > 1 or par.pp > 1:
+    if par.pp > 1:
         errors.append(
-            f"adapter.kind=qlora quantises whole projections on one rank: set parallel.tp=1 and "
-            f"parallel.pp=1 (not {par.tp} / {par.pp}), or use adapter=lora"
+            f"adapter.kind=qlora is not supported with pipeline stages (parallel.pp={par.pp}): "
+            "set parallel.pp=1 (tensor parallelism, parallel.tp, and ZeRO 0-2 are supported), "
+            "or use adapter=lora"
         )
     widths = _projection_widths(cfg.model)
     sized = {field for module in cfg.adapter.target_modules for field in _SIZED_BY.get(module, ())}
+    split: Dict[str, List[str]] = {}  # under tensor parallelism: width -> projections it splits
+    for module in cfg.adapter.target_modules if par.tp > 1 else ():
+        if module in _SPLIT_INPUT:
+            split.setdefault(_SPLIT_INPUT[module], []).append(module)
     for field in sorted(sized):
         if widths[field] % NF4_BLOCK_SIZE:
             errors.append(
@@ -62,6 +68,15 @@ def qlora_rules(cfg: LLMScaleConfig) -> List[str]:
                 f"{widths[field]} must be a multiple of {NF4_BLOCK_SIZE}, or leave the "
                 f"projections it sizes ({', '.join(_sized(field, cfg))}) out of "
                 "adapter.target_modules"
+            )
+        elif field in split and widths[field] % (NF4_BLOCK_SIZE * par.tp):
+            errors.append(
+                f"adapter.kind=qlora quantises each tensor-parallel shard in blocks of "
+                f"{NF4_BLOCK_SIZE}: model.{field}={widths[field]} split over parallel.tp="
+                f"{par.tp} leaves rows {widths[field] / par.tp:g} wide on each rank, not a "
+                f"multiple of {NF4_BLOCK_SIZE}; make model.{field} a multiple of "
+                f"{NF4_BLOCK_SIZE * par.tp} or lower parallel.tp, or leave the projections it "
+                f"splits ({', '.join(split[field])}) out of adapter.target_modules"
             )
     return errors
 
@@ -75,6 +90,12 @@ _SIZED_BY: Dict[str, Tuple[str, ...]] = {
     "up_proj": ("hidden_size", "intermediate_size"),
     "down_proj": ("hidden_size", "intermediate_size"),
 }
+
+
+# Tensor parallelism splits a row-parallel projection's input: each rank's rows of it must hold
+# whole NF4 blocks, the same 64 weights as one process's. (A column-parallel projection's shard
+# is whole rows, blocks of the unsplit input.)
+_SPLIT_INPUT: Dict[str, str] = {"o_proj": "hidden_size", "down_proj": "intermediate_size"}
 
 
 def _sized(field: str, cfg: LLMScaleConfig) -> List[str]:

@@ -1,7 +1,8 @@
 """The model to evaluate and its tokenizer, from whichever folder holds them: a training run (its
 newest complete checkpoint), one checkpoint step folder, an llmscale weights folder
 (`model.yaml`), or a Hugging Face Llama folder (`config.json`). A LoRA run's adapters are folded
-into its base weights, so the model evaluated is the one it trained."""
+into its base weights (a QLoRA run's into its base as NF4 rounded it), so the model evaluated is
+the one it trained."""
 
 import json
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ import torch
 
 from llmscale.checkpoint.hf import MODEL_YAML, import_hf, load_weights
 from llmscale.config.load import REPO_ROOT
-from llmscale.config.schema import DataConfig, ModelConfig, TokenizerConfig
+from llmscale.config.schema import (
+    AdapterConfig, AdapterKind, DataConfig, ModelConfig, TokenizerConfig,
+)
 from llmscale.data import Tokenizer, build_tokenizer, document_position_ids, open_tokenizer
 from llmscale.models import Llama
 from llmscale.prep.chat import CHATML, ChatTemplate, find_chat_template
@@ -94,12 +97,15 @@ def _from_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], ModelConfig, 
     # Imported here: consolidation loads DeepSpeed, which HF and weights folders do not need.
     from llmscale.checkpoint.cli import resolve_checkpoint
     from llmscale.checkpoint.consolidate import (
-        consolidated_state_dict, model_config_of, saved_settings,
+        consolidated_state_dict, model_config_of, nf4_rounded_base, saved_settings,
     )
     from llmscale.checkpoint.peft_export import merged, without_adapters
 
     step_dir = resolve_checkpoint(path)
     state_dict = consolidated_state_dict(step_dir)
+    if saved_settings(step_dir, "adapter", AdapterConfig,
+                      required=False).kind is AdapterKind.qlora:  # it holds the adapters alone
+        state_dict = {**nf4_rounded_base(step_dir), **state_dict}
     if len(without_adapters(state_dict)) < len(state_dict):
         state_dict = merged(state_dict, step_dir)
     tokenizer_cfg = saved_settings(step_dir, "tokenizer", TokenizerConfig, required=False)

@@ -2,7 +2,8 @@
 
 The base freezes: it has no gradients and no optimizer state, and its weights stay in the
 model's dtype (2 bytes in bf16, 4 in fp32), or, for QLoRA's target projections, in NF4: half a
-byte a weight, an int8 scale per block of 64 and an fp32 factor per 256 scales (0.516 bytes).
+byte a weight, an int8 scale per block of 64 and an fp32 factor per 256 scales (0.516 bytes);
+under tensor parallelism each rank holds its shard, quantised alone, so 1/tp of them.
 The adapters, A [r, in] and B [out, r] per target projection, are what trains: weight,
 gradient and AdamW state as for any trained parameter (under tensor parallelism a column-
 parallel projection's B and a row-parallel one's A are split, the other replicated). lm_head,

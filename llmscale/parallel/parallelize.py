@@ -5,11 +5,12 @@ parallelism and ZeRO are DeepSpeed's engine's part."""
 from typing import List, Optional
 
 import torch
+from megatron.core import parallel_state
 from torch import nn
 
 from llmscale.adapters.lora import apply_lora, quantize_initial_bases
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AdapterConfig
+from llmscale.config.schema import AdapterConfig, AdapterKind
 from llmscale.models.llama import Llama
 from llmscale.parallel.activation_checkpointing import apply_activation_checkpointing
 from llmscale.parallel.compile import apply_compile
@@ -26,11 +27,13 @@ def parallelize(model: Llama, plan: ParallelPlan,
     weights), or, built on the meta device, only their shapes: then each rank allocates and
     draws the values of its own share alone (`model.initial_value`), one parameter at a time,
     and no rank ever holds the whole model. The result holds this rank's share. Needs
-    `init_model_parallel`."""
+    `init_model_parallel`. QLoRA under tensor parallelism quantises each rank's shard of the
+    base, not the whole weight: the split comes first."""
+    shard_quantized = adapter is not None and adapter.kind is AdapterKind.qlora and plan.tp > 1
     if adapter is not None:
-        apply_lora(model, adapter)
+        apply_lora(model, adapter, quantize=not shard_quantized)
     if plan.tp > 1:
-        apply_tensor_parallel(model, plan.sequence_parallel)
+        apply_tensor_parallel(model, plan.sequence_parallel, nf4_base=shard_quantized)
     if plan.ep > 1:
         apply_expert_parallel(model, plan.ep)
     if plan.fused_loss:
@@ -61,6 +64,7 @@ def _initialize_shards(local: List[nn.Module], model: Llama, plan: ParallelPlan)
         if getattr(param, "tensor_model_parallel", False):
             full_shape[param.partition_dim] *= plan.tp
         param.copy_(local_shard(param, model.initial_value(name, full_shape)))
-    quantize_initial_bases(model)
+    quantize_initial_bases(model, plan.tp, parallel_state.get_tensor_model_parallel_rank()
+                           if plan.tp > 1 else 0)
     model.model.rotary_emb.to_empty(device="cpu")
     model.model.rotary_emb.reset_buffers()

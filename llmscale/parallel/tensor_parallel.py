@@ -10,9 +10,11 @@ and the loss becomes megatron's vocabulary-parallel cross-entropy, so full logit
 With sequence parallelism the residual stream and norms between those regions hold a 1/tp
 slice of the sequence; the norm weights then see only their slice's tokens, so their gradients
 are summed over the tensor-parallel group (`sum_gradients_over_sequence_shards`). LoRA's
-adapters on a projection are split with it (`ColumnParallelLoRA`, `RowParallelLoRA`). A model
-built on the meta device is split the same way and holds no values until
-`llmscale.parallel.parallelize` gives each shard its own.
+adapters on a projection are split with it (`ColumnParallelLoRA`, `RowParallelLoRA`); QLoRA's
+are the same, over a frozen base each rank quantises to NF4 from its own shard
+(`ColumnParallelQLoRA`, `RowParallelQLoRA`: its quantisation blocks are the shard's, not the
+whole weight's). A model built on the meta device is split the same way and holds no values
+until `llmscale.parallel.parallelize` gives each shard its own.
 """
 
 from typing import Optional
@@ -26,6 +28,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from llmscale.adapters.lora import LoRALinear
+from llmscale.adapters.nf4 import FrozenNF4Weight
 from llmscale.models.llama import IGNORE_INDEX, Llama, RMSNorm
 
 
@@ -102,7 +105,10 @@ class ColumnParallelLoRA(_ShardedLoRA, ColumnParallel):
         down = (tensor_parallel.gather_from_sequence_parallel_region(down)
                 if self.sequence_parallel
                 else tensor_parallel.copy_to_tensor_model_parallel_region(down))
-        return super().forward(x) + self.lora_B(down) * self.scaling
+        return self.frozen_product(x) + self.lora_B(down) * self.scaling
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        return ColumnParallel.forward(self, x)
 
 
 class RowParallelLoRA(_ShardedLoRA, RowParallel):
@@ -110,11 +116,40 @@ class RowParallelLoRA(_ShardedLoRA, RowParallel):
     over the sequence under sequence parallelism) before B, as the projection's outputs are."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.lora_A(self._dropout(x, x.dim() - 1))
-        down = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(down)
+        down = self.sum_over_ranks(self.lora_A(self._dropout(x, x.dim() - 1)))
+        return self.frozen_product(x) + self.lora_B(down) * self.scaling
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        return RowParallel.forward(self, x)
+
+    def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        return (tensor_parallel.reduce_scatter_to_sequence_parallel_region(partial)
                 if self.sequence_parallel
-                else tensor_parallel.reduce_from_tensor_model_parallel_region(down))
-        return super().forward(x) + self.lora_B(down) * self.scaling
+                else tensor_parallel.reduce_from_tensor_model_parallel_region(partial))
+
+
+class ColumnParallelQLoRA(FrozenNF4Weight, ColumnParallelLoRA):
+    """ColumnParallelLoRA over this rank's rows of the base in NF4: the product megatron's layer
+    computes (the whole input, gathered over the sequence under sequence parallelism), with the
+    NF4 shard dequantised for it."""
+
+    shard_dim = 0
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        whole = (tensor_parallel.gather_from_sequence_parallel_region(x)
+                 if self.sequence_parallel
+                 else tensor_parallel.copy_to_tensor_model_parallel_region(x))
+        return F.linear(whole, self.weight)
+
+
+class RowParallelQLoRA(FrozenNF4Weight, RowParallelLoRA):
+    """RowParallelLoRA over this rank's columns of the base in NF4, its partial products summed
+    over the ranks as megatron's layer sums them."""
+
+    shard_dim = 1
+
+    def frozen_product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum_over_ranks(F.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -132,7 +167,9 @@ def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> t
     return losses.masked_fill(ignored, 0.0)
 
 
-def apply_tensor_parallel(model: Llama, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: Llama, sequence_parallel: bool, nf4_base: bool = False) -> None:
+    """`nf4_base` (QLoRA): the adapted projections (LoRA layers on a full-precision base) become
+    QLoRA layers, each rank quantising its shard of the base."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     config = ModelParallelConfig(
@@ -148,10 +185,11 @@ def apply_tensor_parallel(model: Llama, sequence_parallel: bool) -> None:
         """`linear`: an `nn.Linear`, or a `LoRALinear` whose adapters are split alike."""
         out_features, in_features = linear.weight.shape
         lora = isinstance(linear, LoRALinear)
-        parallel = (ColumnParallelLoRA if lora else ColumnParallel)(
-            in_features, out_features, config=config, init_method=nn.init.zeros_, bias=False,
-            gather_output=False)
-        _copy_shard(parallel.weight, linear.weight, dim=0, rank=rank)
+        layer = ((ColumnParallelQLoRA if nf4_base else ColumnParallelLoRA) if lora
+                 else ColumnParallel)
+        parallel = layer(in_features, out_features, config=config, init_method=nn.init.zeros_,
+                         bias=False, gather_output=False)
+        take_base(parallel, linear, dim=0)
         if lora:
             parallel.take_adapters(linear, "lora_B", tp, rank)
         return parallel
@@ -159,13 +197,19 @@ def apply_tensor_parallel(model: Llama, sequence_parallel: bool) -> None:
     def row(linear: nn.Module) -> RowParallel:
         out_features, in_features = linear.weight.shape
         lora = isinstance(linear, LoRALinear)
-        parallel = (RowParallelLoRA if lora else RowParallel)(
-            in_features, out_features, config=config, init_method=nn.init.zeros_, bias=False,
-            input_is_parallel=True, skip_bias_add=False)
-        _copy_shard(parallel.weight, linear.weight, dim=1, rank=rank)
+        layer = (RowParallelQLoRA if nf4_base else RowParallelLoRA) if lora else RowParallel
+        parallel = layer(in_features, out_features, config=config, init_method=nn.init.zeros_,
+                         bias=False, input_is_parallel=True, skip_bias_add=False)
+        take_base(parallel, linear, dim=1)
         if lora:
             parallel.take_adapters(linear, "lora_A", tp, rank)
         return parallel
+
+    def take_base(parallel: nn.Module, linear: nn.Module, dim: int) -> None:
+        if isinstance(parallel, FrozenNF4Weight):  # quantises this rank's shard alone
+            parallel.freeze(linear.weight.chunk(tp, dim=dim)[rank])
+        else:
+            _copy_shard(parallel.weight, linear.weight, dim=dim, rank=rank)
 
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 
 from llmscale.adapters.lora import describe_trainable
 from llmscale.checkpoint.checkpointer import (
-    Checkpointer, ResumeSource, prepare_resume, resolve_resume,
+    Checkpointer, ResumeSource, check_frozen_base, prepare_resume, resolve_resume,
 )
-from llmscale.checkpoint.frozen_base import initial_weights_dir
+from llmscale.checkpoint.frozen_base import base_fingerprint, initial_weights_dir
 from llmscale.checkpoint.hf import load_initial_weights
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
@@ -82,6 +82,10 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     reload_base = cfg.adapter.kind is not AdapterKind.none
     init_from = (initial_weights_dir(cfg.train.init_from, resume_from)
                  if not resume_from or reload_base else None)
+    # ... and only on the base its adapters were trained on.
+    frozen_base = base_fingerprint(cfg.train, init_from) if reload_base else None
+    if resume_from and frozen_base:
+        check_frozen_base(resume_from, frozen_base, cfg.train)
 
     if plan.tp > 1:
         # Megatron's tensor-parallel layers rely on one CUDA work queue to keep their
@@ -101,7 +105,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     model = _build_model(cfg, init_from, tokenizer.eod_id)
     engine = build_engine(parallelize(model, plan, cfg.adapter), cfg, plan)
     config_yaml = to_yaml(cfg)
-    checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml)
+    checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml,
+                                frozen_base)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
     guard = LossGuard(cfg.train)
     stop_file = StopFile(cfg.train.stop_file, process.is_main, process.device)

@@ -45,8 +45,9 @@ def test_qlora_refuses_what_it_cannot_quantise_or_split():
     validate(load_config(BASE + ["adapter=qlora", "adapter.target_modules=[q_proj,v_proj]"]), 1)
     qlora = ["adapter=qlora", "model.intermediate_size=384"]
     validate(load_config(BASE + qlora), 2)
-    assert "adapter.kind=qlora quantises whole projections on one rank: set parallel.tp=1 and " \
-        "parallel.pp=1 (not 2 / 1)" in config_error(qlora + ["parallel.tp=2"], 2)
+    validate(load_config(BASE + qlora + ["parallel.tp=2", "parallel.sequence_parallel=true"]), 2)
+    assert "adapter.kind=qlora is not supported with pipeline stages (parallel.pp=2): set " \
+        "parallel.pp=1" in config_error(qlora + ["parallel.pp=2", "model.tie_embeddings=false"], 2)
     assert "adapter.kind=qlora is supported at parallel.zero_stage 0, 1 or 2" in config_error(
         qlora + ["parallel.zero_stage=3"], 2)
     # 8 heads of 16, 2 for keys and values: k_proj and v_proj are 32 wide.
@@ -61,3 +62,20 @@ def test_qlora_without_torchao_names_the_extra(monkeypatch):
                         lambda name, *args: None if name == "torchao" else find_spec(name, *args))
     assert "pip install 'llmscale[qlora]'" in config_error(
         ["adapter=qlora", "model.intermediate_size=384"], 1)
+
+
+def test_qlora_under_tensor_parallelism_needs_whole_blocks_in_each_ranks_rows():
+    """A row-parallel projection's shard holds part of each row: o_proj's 128 / 4 = 32 and
+    down_proj's 384 / 4 = 96 are not whole blocks of 64. Column-parallel shards keep whole rows
+    (k_proj and v_proj, 4 heads of 32, split into 32-row shards at tp=4, are accepted)."""
+    qlora = ["adapter=qlora", "model.intermediate_size=384", "model.num_kv_heads=4",
+             "parallel.tp=4"]
+    message = config_error(qlora, 4)
+    assert "model.hidden_size=128 split over parallel.tp=4 leaves rows 32 wide on each rank, not " \
+        "a multiple of 64; make model.hidden_size a multiple of 256 or lower parallel.tp, or " \
+        "leave the projections it splits (o_proj) out of adapter.target_modules" in message
+    assert "model.intermediate_size=384 split over parallel.tp=4 leaves rows 96 wide" in message
+    assert "(down_proj) out of" in message and "num_kv_heads" not in message, message
+    validate(load_config(BASE + qlora + ["model.hidden_size=256", "model.intermediate_size=512"]),
+             4)
+    validate(load_config(BASE + qlora + ["adapter.target_modules=[q_proj,k_proj,v_proj]"]), 4)
