@@ -39,13 +39,17 @@ class PreferenceLoss:
 
     def metrics(self) -> Dict[str, torch.Tensor]:
         """Means over the pairs, under the names TRL logs."""
+        return {name: total / len(self.losses) for name, total in self.sums().items()}
+
+    def sums(self) -> Dict[str, torch.Tensor]:
+        """The figures of `metrics` summed over the pairs, to average over several batches."""
         return {
-            "rewards/chosen": self.chosen_rewards.mean(),
-            "rewards/rejected": self.rejected_rewards.mean(),
-            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).mean(),
-            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float().mean(),
-            "logps/chosen": self.chosen_logps.mean(),
-            "logps/rejected": self.rejected_logps.mean(),
+            "rewards/chosen": self.chosen_rewards.sum(),
+            "rewards/rejected": self.rejected_rewards.sum(),
+            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).sum(),
+            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float().sum(),
+            "logps/chosen": self.chosen_logps.sum(),
+            "logps/rejected": self.rejected_logps.sum(),
         }
 
 
