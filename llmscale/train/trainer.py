@@ -116,7 +116,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         reference = reference_logps(
             engine, cfg, REPO_ROOT, (train_set, val_set), plan, dp_rank, process.device,
             resumed=resume_source is not None, is_main=process.is_main,
-            report=lambda line: process.is_main and print(f"llmscale: {line}"))
+            report=partial(_print_on_main, process.is_main))
     if preference:
         val_batches = with_reference(val_batches, reference)
     guard = LossGuard(cfg.train)
@@ -294,6 +294,11 @@ def _masked_lm_batches(cfg: LLMScaleConfig, tokenizer: Tokenizer) -> MaskedLMBat
                           f"{error}") from None
     return MaskedLMBatches(mask_id, tokenizer.vocab_size, [tokenizer.eod_id], cfg.data.seed,
                            cfg.mlm.rate)
+
+
+def _print_on_main(is_main: bool, line: str) -> None:
+    if is_main:
+        print(f"llmscale: {line}")
 
 
 def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
