@@ -61,9 +61,6 @@ def unsupported_layout_rules(cfg: LLMScaleConfig) -> List[str]:
     if cfg.parallel.pp > 1:
         errors.append(f"objective=dpo with parallel.pp={cfg.parallel.pp}: the preference loss "
                       "is not wired into the pipeline's last stage yet; set parallel.pp=1")
-    if cfg.parallel.tp > 1:
-        errors.append(f"objective=dpo with parallel.tp={cfg.parallel.tp}: not tested against "
-                      "one process yet; set parallel.tp=1 (ZeRO 0-3 shard the model instead)")
     if cfg.train.fused_loss:
         errors.append("objective=dpo with train.fused_loss=true: the fused loss returns a "
                       "batch's summed loss, and DPO needs each sequence's own; set "

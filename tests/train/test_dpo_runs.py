@@ -1,14 +1,16 @@
 """DPO through the real launcher, the tiny model in fp32: two ranks train as one process does
-(ZeRO-3 fine-tuning all weights, whose reference pass then also runs on two ranks; ZeRO-1 with
-LoRA), and a resumed run continues the uninterrupted one bit for bit from the reference
-log-probs cached beside the pairs, and refuses to go on without them.
+(fine-tuning all weights at ZeRO-3 and at TP=2 with sequence parallelism, the reference pass
+then also on two ranks; ZeRO-1 with LoRA), and a resumed run continues the uninterrupted one
+bit for bit from the reference log-probs cached beside the pairs, and refuses to go on without
+them.
 
-The global batch of 4 pairs is one micro-batch in one process and 2 ranks x 2 accumulated
-micro-batches of 1 pair on two, so the runs agree only if the loss is the mean over the global
-batch's pairs whatever the split. Adam runs at eps 1e-6 and lr 3e-3: a weight whose gradient
-entries nearly cancel turns their round-off into a step of up to the learning rate, which left
-the ZeRO-3 weights up to 2.3e-5 apart at eps 1e-8, lr 3e-3, and 1.2e-5 apart at eps 1e-6,
-lr 1e-2, after four steps (measured; the losses agreed within 1e-5 in both)."""
+The global batch of 4 pairs is one micro-batch in one process, 2 ranks x 2 accumulated
+micro-batches of 1 pair at ZeRO, and 2 accumulated micro-batches of 2 under TP, so the runs
+agree only if the loss is the mean over the global batch's pairs whatever the split. Adam runs
+at eps 1e-6 and lr 3e-3: a weight whose gradient entries nearly cancel turns their round-off
+into a step of up to the learning rate, which left the ZeRO-3 weights up to 2.3e-5 apart at
+eps 1e-8, lr 3e-3, and 1.2e-5 apart at eps 1e-6, lr 1e-2, after four steps (measured; the
+losses agreed within 1e-5 in both)."""
 
 import json
 import shutil
@@ -96,12 +98,17 @@ def assert_same_run(run_dir, expected_dir, trained) -> None:
             assert (saved[name] - tensor).abs().max() < 1e-5, name
 
 
-def test_zero3_fine_tuning_on_two_ranks_matches_one_process(pairs, full_run, tmp_path):
-    """On a copy of the pairs without their cache, so that two ranks compute the reference."""
+@pytest.mark.parametrize("layout", [
+    ["train.micro_batch_size=1", "parallel.zero_stage=3"],
+    # Megatron's vocabulary-parallel cross-entropy gives the per-token losses.
+    ["train.micro_batch_size=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+], ids=["zero3", "tp2"])
+def test_fine_tuning_on_two_ranks_matches_one_process(layout, pairs, full_run, tmp_path):
+    """On a copy of the pairs without their cache, so that the two ranks compute the reference
+    too."""
     own_pairs = tmp_path / "pairs"
     shutil.copytree(pairs, own_pairs, ignore=shutil.ignore_patterns("reference_logps-*"))
-    stdout = launch("torchrun", tmp_path / "run", *dpo(own_pairs, "train.micro_batch_size=1",
-                                                       "parallel.zero_stage=3"))
+    stdout = launch("torchrun", tmp_path / "run", *dpo(own_pairs, *layout))
     assert "reference log-probs of 12 pairs computed" in stdout
     torch.testing.assert_close(reference_cache(own_pairs), reference_cache(pairs),
                                rtol=1e-6, atol=1e-5)
