@@ -22,7 +22,7 @@ def global_pair_means(results: List[PreferenceLoss], device: torch.device) -> Di
     names = ["loss", *results[0].sums()]
     totals = torch.stack([
         torch.stack([result.losses.detach().sum(), *result.sums().values(),
-                     torch.tensor(len(result.losses))]).double().to(device)
+                     result.losses.new_tensor(len(result.losses))]).double().to(device)
         for result in results]).sum(dim=0)
     totals = all_reduce_data_parallel(totals)
     return {name: (total / totals[-1]).item() for name, total in zip(names, totals)}
