@@ -6,6 +6,7 @@ from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from llmscale.config.schema import DPOConfig
 from llmscale.objectives.preference import PreferenceLoss
@@ -30,12 +31,15 @@ def global_pair_means(results: List[PreferenceLoss], device: torch.device) -> Di
 
 @torch.no_grad()
 def evaluate_preferences(engine, batches: List[PairBatch], device: torch.device,
-                         cfg: DPOConfig) -> Dict[str, float]:
-    """`val_loss` and `val_rewards/...`, `val_logps/...` over every held-out pair."""
+                         cfg: DPOConfig, adapter_model: Optional[nn.Module] = None
+                         ) -> Dict[str, float]:
+    """`val_loss` and `val_rewards/...`, `val_logps/...` over every held-out pair
+    (`adapter_model`: the reference is its base, computed on the fly)."""
     engine.eval()
     forward = partial(engine, per_token=True)
     results = [micro_batch_preference(forward, cfg, inputs.to(device), labels.to(device),
-                                      None if reference is None else reference.to(device))
+                                      None if reference is None else reference.to(device),
+                                      adapter_model)
                for inputs, labels, reference in batches]
     engine.train()
     return {f"val_{name}": value for name, value in global_pair_means(results, device).items()}

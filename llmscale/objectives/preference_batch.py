@@ -9,7 +9,9 @@ labels [R, S]) -> per-token losses [S, R] (`Llama.forward(..., per_token=True)`)
 from typing import Callable, List, Optional, Tuple
 
 import torch
+from torch import nn
 
+from llmscale.adapters.lora import adapters_off
 from llmscale.config.schema import DPOConfig
 from llmscale.models.fused_loss import IGNORE_INDEX
 from llmscale.objectives.preference import PreferenceLoss, preference_loss
@@ -28,11 +30,21 @@ def pair_logps(forward: TokenLosses, inputs: torch.Tensor, labels: torch.Tensor
             response_lengths(response).view(-1, 2))
 
 
+def base_logps(forward: TokenLosses, model: nn.Module, inputs: torch.Tensor,
+               labels: torch.Tensor) -> torch.Tensor:
+    """[B, 2] response log-probs of an adapter model's frozen base: the same forward with every
+    adapter off, without gradients (LoRA's reference, with no second model resident)."""
+    with torch.no_grad(), adapters_off(model):
+        return pair_logps(forward, inputs, labels)[0]
+
+
 def micro_batch_preference(forward: TokenLosses, cfg: DPOConfig, inputs: torch.Tensor,
-                           labels: torch.Tensor, reference: Optional[torch.Tensor]
-                           ) -> PreferenceLoss:
-    """The `cfg.loss` of [B, 2, S] pairs against their [B, 2] reference log-probs (None for
-    simpo, which has no reference)."""
+                           labels: torch.Tensor, reference: Optional[torch.Tensor],
+                           adapter_model: Optional[nn.Module] = None) -> PreferenceLoss:
+    """The `cfg.loss` of [B, 2, S] pairs against their [B, 2] reference log-probs: given, or
+    (`adapter_model`) its base's computed here; None for simpo, which has no reference."""
+    if adapter_model is not None:
+        reference = base_logps(forward, adapter_model, inputs, labels)
     logps, lengths = pair_logps(forward, inputs, labels)
     chosen_reference, rejected_reference = ((None, None) if reference is None
                                             else (reference[:, 0], reference[:, 1]))

@@ -11,6 +11,7 @@ from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from llmscale.config.schema import DPOConfig
 from llmscale.eval.preference_validation import PairBatch, global_pair_means
@@ -22,10 +23,12 @@ from llmscale.train.step import LossCheck, update_unless_anomalous
 
 
 def preference_train_step(engine, batches: List[PairBatch], device: torch.device,
-                          check_loss: LossCheck, cfg: DPOConfig
+                          check_loss: LossCheck, cfg: DPOConfig,
+                          adapter_model: Optional[nn.Module] = None
                           ) -> Tuple[float, Optional[Anomaly], Metrics]:
     """Forward and backward every micro-batch of pairs, then update unless `check_loss` finds
-    the step's loss anomalous; also TRL's metrics of the step."""
+    the step's loss anomalous; also TRL's metrics of the step. `adapter_model`: the reference
+    is its frozen base, a forward with the adapters off before each micro-batch's own."""
     pairs = torch.tensor(sum(len(inputs) for inputs, _, _ in batches), device=device)
     denominator = loss_denominator(all_reduce_data_parallel(pairs), engine.dp_world_size,
                                    len(batches))
@@ -33,7 +36,8 @@ def preference_train_step(engine, batches: List[PairBatch], device: torch.device
     losses, results = [], []
     for micro_batch, (inputs, labels, reference) in enumerate(batches, start=1):
         result = micro_batch_preference(forward, cfg, inputs.to(device), labels.to(device),
-                                        None if reference is None else reference.to(device))
+                                        None if reference is None else reference.to(device),
+                                        adapter_model)
         loss = result.losses.sum() / denominator
         engine.backward(loss)
         losses.append(loss.detach().float())

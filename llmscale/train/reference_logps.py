@@ -1,17 +1,17 @@
-"""The reference model's log-probs of every preference pair, computed once and cached beside the
-data, so that DPO needs no second model resident.
+"""The reference model's log-probs of every preference pair for fine-tuning all weights, computed
+once and cached beside the data, so that DPO needs no second model resident. (An adapter run
+needs no cache: its reference is its frozen base, a forward with the adapters off,
+`llmscale.objectives.preference_batch.base_logps`.)
 
 DPO compares the policy's response log-probs with those of the model it started from. Before
 its first step a fresh run computes them in one pass over every pair (training and held out)
 with its initial weights, and caches them as `<data.pairs>/reference_logps-<key>.pt`: a
-[pairs, 2] fp32 table, chosen and rejected, indexed as the folder's pairs. For LoRA and QLoRA
-the initial model is the frozen base itself (the adapters start at zero), so the cache holds the
-base's log-probs with the adapters off, as a second forward without them would give.
+[pairs, 2] fp32 table, chosen and rejected, indexed as the folder's pairs.
 
 The key hashes what the log-probs depend on: where the initial weights come from (the files of
 train.init_from, by name, size and modification time, or the seed that draws them), the pairs'
-files alike, the model settings, precision, adapter kind (QLoRA's base is quantised),
-data.seq_len (responses cut at the window) and data.document_attention. It leaves out the layout:
+files alike, the model settings, precision, data.seq_len (responses cut at the window) and
+data.document_attention. It leaves out the layout:
 a run on other ranks or micro-batches reuses the cache (and so compares against exactly the same
 numbers); computed again, they could differ in the last bits.
 
@@ -53,7 +53,6 @@ def reference_key(cfg: LLMScaleConfig, folder: Path) -> str:
         "pairs": _files_identity(folder, exclude="reference_logps-"),
         "model": dataclasses.asdict(cfg.model),
         "precision": cfg.train.precision,
-        "adapter": cfg.adapter.kind,
         "seq_len": cfg.data.seq_len,
         "document_attention": cfg.data.document_attention,
     }

@@ -111,8 +111,11 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
     preference = cfg.objective is Objective.dpo
+    # An adapter run's reference is its frozen base, a forward with the adapters off at each
+    # micro-batch; a full fine-tuning run's, its initial weights' log-probs, cached once.
+    adapter_model = engine.module if reference_from_base(cfg) else None
     reference = None
-    if preference and cfg.dpo.loss is not DPOLoss.simpo:  # simpo compares with no reference
+    if preference and cfg.dpo.loss is not DPOLoss.simpo and adapter_model is None:
         reference = reference_logps(
             engine, cfg, REPO_ROOT, (train_set, val_set), plan, dp_rank, process.device,
             resumed=resume_source is not None, is_main=process.is_main,
@@ -155,7 +158,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             sink.log(state.step, metrics)
 
     # The masked-LM accuracy reads whole logits, which one-stage, one-shard plans have.
-    validation = (partial(evaluate_preferences, engine, val_batches, process.device, cfg.dpo)
+    validation = (partial(evaluate_preferences, engine, val_batches, process.device, cfg.dpo,
+                          adapter_model)
                   if preference else
                   partial(evaluate, engine, val_batches, process.device,
                           masked_lm is not None and plan.tp == plan.pp == 1,
@@ -183,7 +187,8 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         objective_metrics = {}
         if preference:
             loss, anomaly, objective_metrics = preference_train_step(
-                engine, with_reference(batches, reference), process.device, check_loss, cfg.dpo)
+                engine, with_reference(batches, reference), process.device, check_loss, cfg.dpo,
+                adapter_model)
         else:
             loss, anomaly = train_step(engine, batches, process.device, check_loss,
                                        global_token_mean=bool(cfg.data.chat))
@@ -294,6 +299,13 @@ def _masked_lm_batches(cfg: LLMScaleConfig, tokenizer: Tokenizer) -> MaskedLMBat
                           f"{error}") from None
     return MaskedLMBatches(mask_id, tokenizer.vocab_size, [tokenizer.eod_id], cfg.data.seed,
                            cfg.mlm.rate)
+
+
+def reference_from_base(cfg: LLMScaleConfig) -> bool:
+    """DPO's reference is the frozen base with the adapters off, computed on the fly (simpo
+    has none)."""
+    return (cfg.objective is Objective.dpo and cfg.dpo.loss is not DPOLoss.simpo
+            and cfg.adapter.kind is not AdapterKind.none)
 
 
 def _print_on_main(is_main: bool, line: str) -> None:

@@ -13,6 +13,7 @@ eps 1e-8, lr 3e-3, and 1.2e-5 apart at eps 1e-6, lr 1e-2, after four steps (meas
 losses agreed within 1e-5 in both)."""
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -67,9 +68,13 @@ def full_run(pairs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_run(pairs, tmp_path_factory):
+    """The reference is the base with the adapters off, computed at each step: no cache, and
+    the first step's loss is ln 2."""
     run_dir = tmp_path_factory.mktemp("lora")
-    launch("python", run_dir, *dpo(pairs, "train.micro_batch_size=4", "adapter=lora",
-                                   "adapter.dropout=0"))
+    stdout = launch("python", run_dir, *dpo(pairs, "train.micro_batch_size=4", "adapter=lora",
+                                            "adapter.dropout=0"))
+    assert "reference log-probs" not in stdout
+    assert metrics(run_dir, "loss")[1] == pytest.approx(math.log(2), abs=1e-7)
     return run_dir
 
 
