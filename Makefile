@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow test-matrix smollm2 continued sft-tiny wheelhouse
+.PHONY: setup demo test test-slow test-matrix smollm2 continued sft-tiny dpo-tiny wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,18 @@ sft-tiny: prepared/sft_tiny/chat.idx
 
 prepared/sft_tiny/chat.idx: data/chat/example.jsonl | setup
 	$(BIN)/python tools/prepare_sft.py --input $< --tokenizer byte --output prepared/sft_tiny
+
+# Preference optimisation (DPO) demo: the play quiz's pairs (the right title chosen, another
+# play's rejected), byte tokens, the tiny model on 2 ranks; held-out reward accuracy rises
+# from 0 (all ties at step 0) well above 0.5.
+dpo-tiny: prepared/dpo_tiny/chosen.idx
+	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py +exp=dpo_tiny
+
+prepared/dpo_tiny/chosen.idx: | setup
+	$(BIN)/python tools/make_play_quiz.py --output runs/play_quiz_pairs --train-per-play 152 \
+		--held-out-per-play 8
+	$(BIN)/python tools/prepare_sft.py --pairs --input runs/play_quiz_pairs/pairs.jsonl \
+		--tokenizer byte --output prepared/dpo_tiny
 
 # The offline install bundle (README, "Installing without network"): every wheel llmscale needs
 # beyond torch, in the versions tested here where they fit, for PYTHON_VERSION and PLATFORM

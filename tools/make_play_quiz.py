@@ -4,8 +4,10 @@
         [--held-out-per-play 25]
 
 Writes OUTPUT/train.jsonl (prompt/response: tools/prepare_sft.py reads it),
-OUTPUT/heldout.jsonl (prompt/answer: exact match) and OUTPUT/heldout_choices.jsonl
-(context/choices/label: multiple choice). No held-out speech is in the training file.
+OUTPUT/heldout.jsonl (prompt/answer: exact match), OUTPUT/heldout_choices.jsonl
+(context/choices/label: multiple choice) and OUTPUT/pairs.jsonl (prompt/chosen/rejected:
+tools/prepare_sft.py --pairs reads it; the held-out pairs last). No held-out speech is in the
+training file or the training pairs.
 """
 
 import argparse

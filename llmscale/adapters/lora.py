@@ -13,7 +13,8 @@ initial values).
 """
 
 import math
-from typing import Dict, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,22 @@ class QLoRALinear(nf4.FrozenNF4Weight, LoRALinear):
 
 
 LAYERS = {AdapterKind.lora: LoRALinear, AdapterKind.qlora: QLoRALinear}
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The frozen base alone while inside: every adapter's update (`LoRALinear` and its
+    tensor-parallel forms) scaled by 0, which adds exactly 0 to the base's output, its collectives
+    still run on every rank; the scalings restored after."""
+    layers = [module for module in model.modules() if hasattr(module, "lora_B")]
+    scalings = [layer.scaling for layer in layers]
+    for layer in layers:
+        layer.scaling = 0.0
+    try:
+        yield
+    finally:
+        for layer, scaling in zip(layers, scalings):
+            layer.scaling = scaling
 
 
 def is_adapter(name: str) -> bool:

@@ -1,7 +1,9 @@
-"""The rules of the `objective` and `dpo` settings, for `validate`."""
+"""The rules of the `objective` and `dpo` settings, for `validate` (the data and layouts of
+objective=dpo: `preference_rules`)."""
 
 from typing import List
 
+from llmscale.config.preference_rules import preference_rules
 from llmscale.config.schema import DPOLoss, LLMScaleConfig, Objective
 
 
@@ -16,12 +18,8 @@ def objective_rules(cfg: LLMScaleConfig) -> List[str]:
             "or objective=mlm to train an encoder"
         )
     if cfg.objective is Objective.dpo:
-        errors.append(
-            "objective=dpo is not trained by this build yet (its data and loss pieces exist, "
-            "the training loop does not use them): use objective=causal"
-        )
         errors += dpo_rules(cfg)
-    return errors
+    return errors + preference_rules(cfg)
 
 
 def masked_lm_rules(cfg: LLMScaleConfig) -> List[str]:

@@ -156,6 +156,9 @@ class DataConfig:
     # Chat data only: several examples per sample (needs document_attention), instead of one
     # example per sample, padded.
     pack: bool = False
+    # A prepared preference-pairs folder (`tools/prepare_sft.py --pairs`): objective=dpo trains
+    # on its chosen and rejected responses, instead of `paths`.
+    pairs: Optional[str] = None
 
 
 @dataclass

@@ -48,7 +48,9 @@ def validate(cfg: LLMScaleConfig, world_size: int) -> ParallelPlan:
         sequence_parallel=par.sequence_parallel and par.tp > 1,
         activation_checkpointing=par.activation_checkpointing,
         compile=_resolve(train.compile, _compile_applies(cfg)),
-        fused_loss=_resolve(train.fused_loss, par.tp == 1),
+        # DPO sums each sequence's own token losses, which the fused loss does not return.
+        fused_loss=_resolve(train.fused_loss,
+                            par.tp == 1 and cfg.objective is not Objective.dpo),
         fused_optimizer=_resolve(cfg.optim.fused, True),
     )
 
@@ -158,9 +160,10 @@ def _data_rules(cfg: LLMScaleConfig) -> List[str]:
             f"data.blend lists {len(data.blend)} prepared datasets and data.paths lists text files "
             f"{list(data.paths)[:3]}: train on one of them (set data.paths=[] to use the blend)"
         )
-    if not data.blend and not data.paths and not data.chat:
-        errors.append("data.paths, data.blend and data.chat are all empty: name text files, "
-                      "prepared datasets or a prepared chat folder to train on")
+    if not data.blend and not data.paths and not data.chat and not data.pairs:
+        errors.append("data.paths, data.blend, data.chat and data.pairs are all empty: name text "
+                      "files, prepared datasets, a prepared chat folder or preference pairs to "
+                      "train on")
     if not 0.0 < data.val_fraction < 1.0:
         errors.append(f"data.val_fraction={data.val_fraction} must lie strictly between 0 and 1")
     return errors + _chat_data_rules(cfg)

@@ -43,11 +43,19 @@ def fill_in_vocab_size(cfg: LLMScaleConfig) -> None:
 
 
 def build_datasets(cfg: LLMScaleConfig, root: Path) -> Tuple[Dataset, Dataset, Tokenizer]:
-    """Train and validation samples: from a prepared chat folder when `data.chat` names one;
+    """Train and validation samples: preference pairs when `data.pairs` names a folder of them;
+    from a prepared chat folder when `data.chat` names one;
     from a blend of prepared datasets when `data.blend` lists any (call this once
     torch.distributed is up: megatron-core's index builder needs it); else from the text files
     in `data.paths`."""
     tokenizer = build_tokenizer(cfg.tokenizer, root, cfg.objective is Objective.mlm)
+    if cfg.data.pairs:
+        # Imported here, as chat data is: both read megatron-core's indexed datasets.
+        from llmscale.data.preference_pairs import build_pair_datasets
+
+        train_set, val_set = build_pair_datasets(cfg.data.pairs, cfg.data.seq_len,
+                                                 cfg.data.val_fraction, tokenizer, root)
+        return train_set, val_set, tokenizer
     if cfg.data.chat:
         # Imported here, as blends are: megatron-core warns at import about GPU kernels.
         from llmscale.data.chat_samples import build_chat_datasets

@@ -124,37 +124,57 @@ def build_chat_datasets(folder: str, seq_len: int, val_fraction: float, pack: bo
                         tokenizer: Tokenizer, root: Path) -> Tuple[ChatSamples, ChatSamples]:
     """The train and validation samples of the prepared chat folder `folder` (relative paths
     resolve against `root`), read as ids of `tokenizer`."""
-    path = Path(folder).expanduser()
-    path = path if path.is_absolute() else root / path
-    prefix = path / CHAT_PREFIX
-    needed = [Path(f"{p}{suffix}") for p in (prefix, loss_mask_prefix(prefix))
-              for suffix in (".bin", ".idx")]
-    missing = [p.name for p in needed if not p.is_file()]
-    if missing:
-        raise ConfigError(
-            f"data.chat={folder} is not a prepared chat dataset (no {', '.join(missing)} in "
-            f"{path}): create it with `python tools/prepare_sft.py --input DATA.jsonl "
-            f"--tokenizer TOKENIZER --output {folder}`"
-        )
-    try:
-        check_tokenizer(path, "data.chat", tokenizer)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    tokens, masks = IndexedDataset(str(prefix)), IndexedDataset(str(loss_mask_prefix(prefix)))
+    path = prepared_folder(folder, root)
+    prepare = (f"python tools/prepare_sft.py --input DATA.jsonl --tokenizer TOKENIZER "
+               f"--output {folder}")
+    tokens, masks = open_masked_datasets(path / CHAT_PREFIX, f"data.chat={folder}",
+                                         "chat dataset", prepare)
+    check_prepared_tokenizer(path, "data.chat", tokenizer)
     count = len(tokens)
-    num_val = max(1, round(count * val_fraction))
-    if count - num_val < 1:
-        raise ConfigError(
-            f"data.chat={folder} holds {count} examples: too few to hold out "
-            f"data.val_fraction={val_fraction} of them and train on the rest; prepare more"
-        )
-    train_end = count - num_val
+    train_end = training_end(count, val_fraction, f"data.chat={folder}", "examples")
     return tuple(
         ChatSamples(tokens, masks, group_examples(tokens.sequence_lengths, first, end, seq_len, pack),
                     seq_len, tokenizer.eod_id, name)
         for name, first, end in (("training split", 0, train_end),
                                  ("validation split", train_end, count))
     )
+
+
+def prepared_folder(folder: str, root: Path) -> Path:
+    path = Path(folder).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def open_masked_datasets(prefix: Path, setting: str, what: str,
+                         prepare: str) -> Tuple[IndexedDataset, IndexedDataset]:
+    """The token dataset at `prefix` and its loss-mask twin; `ConfigError` naming `setting` and
+    the `prepare` command when a file is missing."""
+    needed = [Path(f"{p}{suffix}") for p in (prefix, loss_mask_prefix(prefix))
+              for suffix in (".bin", ".idx")]
+    missing = [p.name for p in needed if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{setting} is not a prepared {what} (no {', '.join(missing)} in "
+                          f"{prefix.parent}): create it with `{prepare}`")
+    return IndexedDataset(str(prefix)), IndexedDataset(str(loss_mask_prefix(prefix)))
+
+
+def check_prepared_tokenizer(path: Path, setting: str, tokenizer: Tokenizer) -> None:
+    try:
+        check_tokenizer(path, setting, tokenizer)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def training_end(count: int, val_fraction: float, setting: str, what: str) -> int:
+    """Where the held-out tail of `count` examples begins: the last `val_fraction` of them, at
+    least one, are held out; at least one is left to train on."""
+    num_val = max(1, round(count * val_fraction))
+    if count - num_val < 1:
+        raise ConfigError(
+            f"{setting} holds {count} {what}: too few to hold out "
+            f"data.val_fraction={val_fraction} of them and train on the rest; prepare more"
+        )
+    return count - num_val
 
 
 def _describe_split(masks: IndexedDataset, groups: List[Tuple[int, int]],

@@ -14,7 +14,8 @@ from torch import Tensor
 class SampleDataset(Protocol):
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]: ...
+    # (input_ids, labels), and for preference pairs their index too.
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]: ...
 
 
 class GlobalSampleOrder:
@@ -56,8 +57,9 @@ def rank_micro_batches(
     grad_accum_steps: int,
     dp_rank: int,
     dp_size: int,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[Tensor, ...]]:
     """The `grad_accum_steps` micro-batches `(input_ids[B, T], labels[B, T])` of rank `dp_rank`
+    (each part of a sample stacked: a preference pair's are [B, 2, T] and its index [B])
     for the optimizer step whose global batch starts at sample `consumed_samples`.
 
     Accumulation step a of rank r holds global samples
@@ -79,12 +81,12 @@ def rank_micro_batches(
     if consumed_samples < 0:
         raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}.")
 
-    micro_batches: list[tuple[Tensor, Tensor]] = []
+    micro_batches: list[tuple[Tensor, ...]] = []
     for positions in micro_batch_positions(consumed_samples, micro_batch_size, grad_accum_steps,
                                            dp_rank, dp_size):
         samples = [dataset[order.dataset_index(position)] for position in positions]
-        input_ids, labels = zip(*samples)
-        micro_batches.append((torch.stack(input_ids), torch.stack(labels)))
+        # Whatever a sample holds (preference pairs add their index), stacked part by part.
+        micro_batches.append(tuple(torch.stack(part) for part in zip(*samples)))
     return micro_batches
 
 

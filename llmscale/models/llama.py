@@ -248,14 +248,21 @@ class Llama(nn.Module):
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
-             denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+             denominator: Optional[torch.Tensor] = None, per_token: bool = False
+             ) -> torch.Tensor:
         """Mean token cross-entropy of the output layer over the final hidden states [S, B, H]
         against labels [B, S] (already shifted: labels[b, t] is the target at position t, -100
         ignored), computed in fp32; in training, plus the MoE layers' load-balancing loss.
         `denominator` (a scalar) replaces the count of this batch's targets: the summed token
         losses are divided by it, so that a step can weigh every target of its global batch
-        alike (llmscale.train.step)."""
+        alike (llmscale.train.step). `per_token`: the token losses themselves, [S, B] (0 where
+        ignored), for objectives that sum them per sequence (llmscale.objectives)."""
         labels = labels.t()
+        if per_token:
+            if self.fused_loss:
+                raise ValueError("the fused loss returns a batch's summed loss, not per-token "
+                                 "losses: build without train.fused_loss")
+            return self.token_losses(self.lm_head(hidden), labels)
         if self.fused_loss:
             loss_sum = self.fused_loss(hidden, self.lm_head.weight, labels)
         else:
@@ -284,10 +291,10 @@ class Llama(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-        denominator: Optional[torch.Tensor] = None,
+        denominator: Optional[torch.Tensor] = None, per_token: bool = False,
     ) -> torch.Tensor:
         """Logits [B, S, V]; or, given labels, the loss (see `loss`)."""
         hidden = self.model(input_ids)
         if labels is None:
             return self.lm_head(hidden).transpose(0, 1)
-        return self.loss(hidden, labels, denominator)
+        return self.loss(hidden, labels, denominator, per_token)

@@ -11,7 +11,9 @@ h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)). The losses (`dp
 - simpo: -log sigmoid(beta (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma), no reference
   (SimPO, Meng et al. 2024, eq. 6), label-smoothed like sigmoid.
 Rewards, reported under TRL's metric names, are beta (log pi - log ref) for the reference-based
-losses and beta log pi / |y| for simpo, as TRL's DPO and CPO trainers report them.
+losses and beta log pi / |y| for simpo, as TRL's DPO and CPO trainers report them. Beside them,
+`logps/accuracies` is the share of pairs where the policy's chosen log-prob exceeds its rejected
+one: whether the policy prefers the chosen response, not only more than the reference did.
 """
 
 from dataclasses import dataclass
@@ -38,14 +40,21 @@ class PreferenceLoss:
         return self.losses.mean()
 
     def metrics(self) -> Dict[str, torch.Tensor]:
-        """Means over the pairs, under the names TRL logs."""
+        """Means over the pairs, under the names TRL logs (and `logps/accuracies`)."""
+        return {name: total / len(self.losses) for name, total in self.sums().items()}
+
+    def sums(self) -> Dict[str, torch.Tensor]:
+        """The figures of `metrics` summed over the pairs, to average over several batches."""
         return {
-            "rewards/chosen": self.chosen_rewards.mean(),
-            "rewards/rejected": self.rejected_rewards.mean(),
-            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).mean(),
-            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float().mean(),
-            "logps/chosen": self.chosen_logps.mean(),
-            "logps/rejected": self.rejected_logps.mean(),
+            "rewards/chosen": self.chosen_rewards.sum(),
+            "rewards/rejected": self.rejected_rewards.sum(),
+            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).sum(),
+            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float().sum(),
+            "logps/chosen": self.chosen_logps.sum(),
+            "logps/rejected": self.rejected_logps.sum(),
+            # Ours, not TRL's: the share of pairs whose chosen response the policy itself finds
+            # likelier (at step 0, the reference's own preference).
+            "logps/accuracies": (self.chosen_logps > self.rejected_logps).float().sum(),
         }
 
 

@@ -30,6 +30,8 @@ TITLES = {
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z']*(?: [A-Z][A-Za-z']*){0,2}\.?$")
 _NOT_SPEAKERS = {"ACT", "SCENE", "THE", "EPILOGUE", "PROLOGUE", "FINIS", "THE END"}
 MAX_SPEECH_CHARS = 160
+# The characters of a speech that a preference pair's prompt quotes.
+PAIR_OPENING_CHARS = 40
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,11 @@ def is_held_out(speech: Speech, held_out_percent: int) -> bool:
 def make_play_quiz(plays_dir: Path, output: Path, train_per_play: int, held_out_per_play: int,
                    held_out_percent: int = 20, seed: int = 0) -> Dict[str, int]:
     """Write `output/train.jsonl` (prompt/response, for tools/prepare_sft.py),
-    `output/heldout.jsonl` (prompt/answer, for exact match) and `output/heldout_choices.jsonl`
-    (context/choices/label, for multiple choice by likelihood), the same number per play."""
+    `output/heldout.jsonl` (prompt/answer, for exact match), `output/heldout_choices.jsonl`
+    (context/choices/label, for multiple choice by likelihood), the same number per play, and
+    `output/pairs.jsonl` (prompt/chosen/rejected, for tools/prepare_sft.py --pairs): a pair per
+    training speech, then one per held-out speech, so the held-out pairs are the file's last
+    ones, which data.val_fraction = held_out / (train + held_out) holds out."""
     rng = random.Random(seed)
     train: List[Speech] = []
     held_out: List[Speech] = []
@@ -110,7 +115,18 @@ def make_play_quiz(plays_dir: Path, output: Path, train_per_play: int, held_out_
     _write_jsonl(output / "heldout_choices.jsonl",
                  ({"context": question(s), "choices": titles, "label": titles.index(s.title)}
                   for s in held_out))
+    _write_jsonl(output / "pairs.jsonl", (preference_pair(s, rng) for s in train + held_out))
     return {"train": len(train), "held_out": len(held_out)}
+
+
+def preference_pair(speech: Speech, rng: random.Random) -> Dict[str, str]:
+    """The right title chosen, another play's rejected. The prompt is the speaker and the
+    speech's opening words alone (`PAIR_OPENING_CHARS`): a third of `question`'s length, so
+    that the tiny byte-level model learns the speaker clue within a minute's DPO."""
+    wrong = rng.choice([title for title in TITLES.values() if title != speech.title])
+    opening = speech.text[:PAIR_OPENING_CHARS].rsplit(" ", 1)[0]
+    return {"prompt": f"Which play is this from? {speech.speaker}: {opening} ...",
+            "chosen": speech.title, "rejected": wrong}
 
 
 def _write_jsonl(path: Path, records) -> None:

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from llmscale.data.preference_pairs import PAIR_SIDES as SIDES
 from llmscale.data.tokenizer import Tokenizer, tokenizer_identity
 from llmscale.prep.chat import BadExample, ChatTemplate, checked_messages, tokenize_conversation
 from llmscale.prep.chat_dataset import (
@@ -25,7 +26,6 @@ from llmscale.prep.chat_dataset import (
 )
 
 Messages = List[Dict[str, str]]
-SIDES = ("chosen", "rejected")
 
 
 def parse_pair(line: str) -> Tuple[Messages, Messages, Messages]:

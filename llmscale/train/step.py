@@ -43,6 +43,13 @@ def train_step(engine, batches: List[Batch], device: torch.device, check_loss: L
         losses.append(loss.detach().float())
         if micro_batch < len(batches):
             engine.step()  # accumulates; the last micro-batch's step updates the weights
+    return update_unless_anomalous(engine, losses, check_loss)
+
+
+def update_unless_anomalous(engine, losses: List[torch.Tensor], check_loss: LossCheck
+                            ) -> Tuple[float, Optional[Anomaly]]:
+    """The last micro-batch's `engine.step()`, which updates, unless the step's loss (the mean of
+    the micro-batch `losses` over the data-parallel ranks) is anomalous."""
     # Checked before the update; every rank checks the same all-reduced loss, so all agree.
     # (Tensor-parallel ranks of one replica hold the same loss, so the mean is unchanged.)
     loss = all_reduce_mean(torch.stack(losses).mean()).item()

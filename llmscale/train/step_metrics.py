@@ -2,7 +2,7 @@
 step into some of its metrics, so that a new metric is one collector here (a light form of
 OLMo-core's callbacks)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -23,6 +23,8 @@ class FinishedStep:
     tokens: int  # of the step, over all ranks
     consumed_tokens: int  # of the run so far
     anomaly: Optional[Anomaly]
+    # What the objective reports beside the loss (DPO: TRL's reward and log-prob means).
+    objective_metrics: Metrics = field(default_factory=dict)
 
 
 Collector = Callable[[FinishedStep], Metrics]
@@ -39,6 +41,7 @@ def step_collectors(engine, model: nn.Module, meter: ThroughputMeter,
         lambda step: meter.measure(step.tokens, step.seconds),
         lambda step: peak_memory_metrics(device),
         lambda step: router_metrics(model),
+        lambda step: step.objective_metrics,
         lambda step: step.anomaly.record() if step.anomaly else {},
     ]
 

@@ -26,7 +26,7 @@ from llmscale.checkpoint.hf import load_initial_weights
 from llmscale.checkpoint.state import TrainState
 from llmscale.config.load import REPO_ROOT, ConfigError, to_yaml
 from llmscale.config.plan import ParallelPlan
-from llmscale.config.schema import AdapterKind, AnomalyPolicy, LLMScaleConfig, Objective
+from llmscale.config.schema import AdapterKind, AnomalyPolicy, DPOLoss, LLMScaleConfig, Objective
 from llmscale.config.validate import validate
 from llmscale.data import (
     GlobalSampleOrder, Tokenizer, document_position_ids, rank_micro_batches,
@@ -35,10 +35,13 @@ from llmscale.data.sampler import micro_batch_positions
 from llmscale.data.tokenizer import mask_token_id
 from llmscale.data.build import build_datasets, resolve_vocab_size
 from llmscale.data.chat_samples import ChatSamples
+from llmscale.data.preference_pairs import PreferencePairs
 from llmscale.eval.in_training import TrainingEvaluators
+from llmscale.eval.preference_validation import evaluate_preferences
 from llmscale.eval.validation import evaluate
 from llmscale.models import Llama, flops_per_token
 from llmscale.objectives.masked_lm import MaskedLMBatches
+from llmscale.objectives.preference_batch import with_reference
 from llmscale.parallel.distributed import init_distributed, read_world_size
 from llmscale.parallel.engine import build_engine
 from llmscale.parallel.parallelize import parallelize
@@ -48,6 +51,8 @@ from llmscale.train.anomaly import (
     Anomaly, LossGuard, TrainingStopped, roll_back, summarize,
 )
 from llmscale.train.fault_injection import inject_loss_faults
+from llmscale.train.preference_step import preference_train_step
+from llmscale.train.reference_logps import reference_logps
 from llmscale.train.step import train_step
 from llmscale.train.step_metrics import FinishedStep, collect, step_collectors
 from llmscale.train.stop_file import StopFile
@@ -58,8 +63,10 @@ from llmscale.train.throughput import ThroughputMeter, peak_tflops
 class RunSummary:
     run_dir: Path
     state: TrainState
-    first_val_ppl: float
-    last_val_ppl: float
+    # The held-out figure the summary reports: perplexity, or for DPO the reward accuracy.
+    val_name: str
+    first_val: float
+    last_val: float
     last_checkpoint: Path
     anomalies: List[Anomaly]
 
@@ -108,13 +115,26 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     checkpointer = Checkpointer(cfg.checkpoint, checkpoint_dir, process.rank, plan, config_yaml,
                                 frozen_base)
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
+    preference = cfg.objective is Objective.dpo
+    # An adapter run's reference is its frozen base, a forward with the adapters off at each
+    # micro-batch; a full fine-tuning run's, its initial weights' log-probs, cached once.
+    adapter_model = engine.module if reference_from_base(cfg) else None
+    reference = None
+    if preference and cfg.dpo.loss is not DPOLoss.simpo and adapter_model is None:
+        reference = reference_logps(
+            engine, cfg, REPO_ROOT, (train_set, val_set), plan, dp_rank, process.device,
+            resumed=resume_source is not None, is_main=process.is_main,
+            report=partial(_print_on_main, process.is_main))
+    if preference:
+        val_batches = with_reference(val_batches, reference)
     guard = LossGuard(cfg.train)
     stop_file = StopFile(cfg.train.stop_file, process.is_main, process.device)
     rollback_source = resume_source
     if process.rank == process.world_size - 1:  # a fault on one rank, that every rank must answer
         inject_loss_faults(model, cfg.train, plan.global_batch_size, lambda: state.consumed_samples)
 
-    tokens_per_step = plan.global_batch_size * cfg.data.seq_len
+    # A preference pair is two sequences.
+    tokens_per_step = plan.global_batch_size * cfg.data.seq_len * (2 if preference else 1)
     meter = ThroughputMeter(
         flops_per_token(cfg.model, cfg.data.seq_len), process.world_size, peak_tflops(process.device)
     )
@@ -129,8 +149,9 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
         )
         print(f"llmscale: {plan.describe()}; run folder {run_dir.resolve()}"
               + (f"; resuming from {resume_from}" if resume_from else ""))
-        if isinstance(train_set, ChatSamples):
-            print(f"llmscale: chat data: {train_set.describe()}; {val_set.describe()}")
+        if isinstance(train_set, (ChatSamples, PreferencePairs)):
+            kind = "preference pairs" if preference else "chat data"
+            print(f"llmscale: {kind}: {train_set.describe()}; {val_set.describe()}")
         if cfg.adapter.kind is not AdapterKind.none:
             print(f"llmscale: {describe_trainable(model)}")
         if state.step >= cfg.train.max_steps:
@@ -142,9 +163,12 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
             sink.log(state.step, metrics)
 
     # The masked-LM accuracy reads whole logits, which one-stage, one-shard plans have.
-    validation = partial(evaluate, engine, val_batches, process.device,
-                         masked_lm is not None and plan.tp == plan.pp == 1,
-                         global_token_mean=bool(cfg.data.chat))
+    validation = (partial(evaluate_preferences, engine, val_batches, process.device, cfg.dpo,
+                          adapter_model)
+                  if preference else
+                  partial(evaluate, engine, val_batches, process.device,
+                          masked_lm is not None and plan.tp == plan.pp == 1,
+                          global_token_mean=bool(cfg.data.chat)))
     evaluators = TrainingEvaluators(cfg.train.evaluators, model, tokenizer, plan, dp_rank,
                                     process.device, run_dir, REPO_ROOT)
 
@@ -163,16 +187,23 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
                                 plan.grad_accum_steps, dp_rank, masked_lm)
         lr = engine.get_lr()[0]
         start = time.perf_counter()
-        loss, anomaly = train_step(engine, batches, process.device, lambda loss: guard.check(
-            state.step + 1, loss, rollback_source.step_dir if rollback_source else None),
-            global_token_mean=bool(cfg.data.chat))
+        check_loss = partial(guard.check, state.step + 1, newest_checkpoint=(
+            rollback_source.step_dir if rollback_source else None))
+        objective_metrics = {}
+        if preference:
+            loss, anomaly, objective_metrics = preference_train_step(
+                engine, with_reference(batches, reference), process.device, check_loss, cfg.dpo,
+                adapter_model)
+        else:
+            loss, anomaly = train_step(engine, batches, process.device, check_loss,
+                                       global_token_mean=bool(cfg.data.chat))
         seconds = time.perf_counter() - start
 
         state.step += 1
         state.consumed_samples += plan.global_batch_size
         state.consumed_tokens += tokens_per_step
         log(collect(collectors, FinishedStep(loss, lr, seconds, tokens_per_step,
-                                             state.consumed_tokens, anomaly)))
+                                             state.consumed_tokens, anomaly, objective_metrics)))
         if anomaly:
             if anomaly.action is AnomalyPolicy.stop:
                 raise TrainingStopped(anomaly.describe())
@@ -201,11 +232,13 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
 
     for sink in sinks:
         sink.close()
+    val_key = "val_rewards/accuracies" if preference else "val_ppl"
     summary = RunSummary(
         run_dir=run_dir,
         state=state,
-        first_val_ppl=first_val["val_ppl"] if first_val else float("nan"),
-        last_val_ppl=last_val["val_ppl"] if last_val else float("nan"),
+        val_name="held-out reward accuracy" if preference else "validation perplexity",
+        first_val=first_val[val_key] if first_val else float("nan"),
+        last_val=last_val[val_key] if last_val else float("nan"),
         last_checkpoint=last_checkpoint,
         anomalies=guard.anomalies,
     )
@@ -273,6 +306,18 @@ def _masked_lm_batches(cfg: LLMScaleConfig, tokenizer: Tokenizer) -> MaskedLMBat
                            cfg.mlm.rate)
 
 
+def reference_from_base(cfg: LLMScaleConfig) -> bool:
+    """DPO's reference is the frozen base with the adapters off, computed on the fly (simpo
+    has none)."""
+    return (cfg.objective is Objective.dpo and cfg.dpo.loss is not DPOLoss.simpo
+            and cfg.adapter.kind is not AdapterKind.none)
+
+
+def _print_on_main(is_main: bool, line: str) -> None:
+    if is_main:
+        print(f"llmscale: {line}")
+
+
 def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
     run_dir = summary.run_dir.resolve()
     lines = [
@@ -289,7 +334,7 @@ def _print_summary(summary: RunSummary, cfg: LLMScaleConfig) -> None:
 
 
 def _describe_validation(summary: RunSummary) -> str:
-    last = f"{summary.last_val_ppl:.2f} at step {summary.state.step}"
-    if math.isnan(summary.first_val_ppl):  # a resumed run did not see step 0
-        return f"  validation perplexity: {last}"
-    return f"  validation perplexity: {summary.first_val_ppl:.2f} at step 0 -> {last}"
+    last = f"{summary.last_val:.2f} at step {summary.state.step}"
+    if math.isnan(summary.first_val):  # a resumed run did not see step 0
+        return f"  {summary.val_name}: {last}"
+    return f"  {summary.val_name}: {summary.first_val:.2f} at step 0 -> {last}"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmscale.adapters.lora import (
-    LoRALinear, apply_lora, describe_trainable, merge_adapters, peft_names,
+    LoRALinear, adapters_off, apply_lora, describe_trainable, merge_adapters, peft_names,
 )
 from llmscale.config.schema import AdapterConfig, AdapterKind, ModelConfig
 from llmscale.config.validate import ParallelPlan
@@ -30,6 +30,22 @@ def test_adapted_model_computes_what_the_base_does_at_step_0():
     apply_lora(model, LORA)
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
     assert torch.equal(model(IDS), before)
+
+
+def test_with_adapters_off_a_trained_model_computes_what_its_base_does():
+    """DPO's reference for adapter runs: bit for bit the base, the adapters back on after."""
+    model = llama()
+    base = model(IDS)
+    apply_lora(model, LORA)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                param.normal_()
+    adapted = model(IDS)
+    assert not torch.equal(adapted, base)
+    with adapters_off(model):
+        assert torch.equal(model(IDS), base)
+    assert torch.equal(model(IDS), adapted)
 
 
 def test_only_adapters_train_and_the_base_keeps_its_names():

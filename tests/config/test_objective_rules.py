@@ -1,5 +1,4 @@
-"""The `objective`, `dpo` and `mlm` settings: bad values are named with the fix, and an
-objective the loop does not train yet is refused rather than silently trained as causal."""
+"""The `objective`, `dpo` and `mlm` settings: bad values are named with the fix."""
 
 from llmscale.config import load_config, validate
 from test_validate import BASE, config_error
@@ -14,7 +13,7 @@ def test_the_default_objective_is_causal_and_validates():
 def test_every_bad_dpo_value_is_named_in_one_error():
     message = config_error(["objective=dpo", "dpo.beta=0", "dpo.label_smoothing=0.5",
                             "dpo.simpo_gamma=-1"], 2)
-    for named in ("objective=dpo is not trained by this build yet", "dpo.beta=0.0",
+    for named in ("dpo.beta=0.0",
                   "dpo.label_smoothing=0.5 must lie in [0, 0.5)", "dpo.simpo_gamma=-1.0"):
         assert named in message, message
 

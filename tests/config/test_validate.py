@@ -361,14 +361,18 @@ EXPERIMENT_SCALES = [("tiny", "tiny", 1, 1, 2), ("125m", "125m", 8, 8, 4), ("1b"
                      ("1_3b", "1_3b", 8, 8, 4),
                      ("7b", "7b", 8, 8, 128), ("13b", "13b", 16, 8, 128), ("70b", "70b", 64, 2, 512),
                      ("continued_smollm2", "smollm2_135m", 2, 2, 1), ("mlm_tiny", "tiny", 2, 2, 1),
-                     ("sft_tiny", "tiny", 2, 2, 1), ("sft_smollm2", "smollm2_135m", 2, 2, 1)]
+                     ("sft_tiny", "tiny", 2, 2, 1), ("sft_smollm2", "smollm2_135m", 2, 2, 1),
+                     ("dpo_tiny", "tiny", 2, 2, 2)]
 
 
 @pytest.mark.parametrize(("experiment", "model", "world_size", "dp", "accum"), EXPERIMENT_SCALES)
 def test_shipped_experiments_validate(
-    experiment: str, model: str, world_size: int, dp: int, accum: int
+    experiment: str, model: str, world_size: int, dp: int, accum: int, tmp_path
 ) -> None:
     cfg = load_config([f"+exp={experiment}"])
+    if cfg.data.pairs:  # validate reads the pairs folder, which `make dpo-tiny` prepares
+        (tmp_path / "dataset.json").write_text('{"kind": "preference_pairs", "documents": 1}')
+        cfg.data.pairs = str(tmp_path)
     assert (cfg.name, cfg.model.name) == (experiment, model)
     plan = validate(cfg, world_size)
     assert (plan.dp, plan.grad_accum_steps) == (dp, accum)

@@ -96,7 +96,8 @@ def test_metrics_are_trls_on_hand_made_values():
     result = preference_loss(cfg, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5]),
                              torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.5]))
     expected = {"rewards/chosen": 0.25, "rewards/rejected": 0.0, "rewards/margins": 0.25,
-                "rewards/accuracies": 0.5, "logps/chosen": -1.5, "logps/rejected": -2.25}
+                "rewards/accuracies": 0.5, "logps/chosen": -1.5, "logps/rejected": -2.25,
+                "logps/accuracies": 0.5}
     assert {name: value.item() for name, value in result.metrics().items()} == expected
     simpo = preference_loss(DPOConfig(DPOLoss.simpo, beta=2.0), torch.tensor([-4.0]),
                             torch.tensor([-3.0]), chosen_lengths=torch.tensor([2]),

@@ -58,3 +58,20 @@ def test_the_same_seed_makes_the_same_quiz(quiz, tmp_path):
 def test_asking_for_more_than_a_play_holds_names_the_play(tmp_path):
     with pytest.raises(ValueError, match=r"hamlet.txt has \d+ training"):
         make_play_quiz(PLAYS, tmp_path, train_per_play=10_000, held_out_per_play=1)
+
+
+def test_preference_pairs_choose_the_answer_and_hold_out_the_last(quiz):
+    output, counts = quiz
+    pairs = read(output / "pairs.jsonl")
+    train, held_out = read(output / "train.jsonl"), read(output / "heldout.jsonl")
+    assert len(pairs) == counts["train"] + counts["held_out"]
+    # The same speeches, in the same order: the speaker and the opening quoted.
+    questions = [(r["prompt"], r["response"]) for r in train] + [
+        (r["prompt"], r["answer"]) for r in held_out]
+    for pair, (question, answer) in zip(pairs, questions):
+        speech = question.split("\n\n", 1)[1]
+        assert pair["prompt"].startswith("Which play is this from? ")
+        assert speech.startswith(pair["prompt"].removeprefix("Which play is this from? ")[:-4])
+        assert pair["chosen"] == answer
+    assert all(p["rejected"] != p["chosen"] and p["rejected"] in TITLES.values() for p in pairs)
+    assert len({p["rejected"] for p in pairs}) == len(TITLES)
