@@ -30,10 +30,11 @@ def inject_loss_faults(model: Llama, cfg: TrainConfig, global_batch_size: int,
     loss = model.loss
 
     def scaled_loss(hidden: torch.Tensor, labels: torch.Tensor,
-                    denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    denominator: Optional[torch.Tensor] = None,
+                    per_token: bool = False) -> torch.Tensor:
         # Training steps only: evaluation runs without gradients.
         factor = factors.get(consumed_samples()) if torch.is_grad_enabled() else None
-        value = loss(hidden, labels, denominator)
+        value = loss(hidden, labels, denominator, per_token)
         return value if factor is None else value * factor
 
     model.loss = scaled_loss

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from llmscale.config import ConfigError, load_config, validate
-from llmscale.config.schema import AnomalyPolicy, TrainConfig
+from llmscale.config.schema import AnomalyPolicy, ModelConfig, TrainConfig
+from llmscale.models import Llama
 from llmscale.tracking.sinks import ConsoleSink, JsonlSink, TensorBoardSink
 from llmscale.train.anomaly import LossGuard, summarize, update_withheld
 from llmscale.train.fault_injection import SPIKE, inject_loss_faults
+from model_twins import shifted_batch
 
 CHECKPOINT = Path("runs/x/checkpoints/step_00000040")
 
@@ -166,7 +168,7 @@ def test_a_step_deepspeed_skipped_by_itself_is_counted_once():
 
 
 class LossModel(torch.nn.Module):
-    def loss(self, x: torch.Tensor, labels, denominator=None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, labels, denominator=None, per_token=False) -> torch.Tensor:
         return (x * 2).mean()
 
 
@@ -186,6 +188,18 @@ def test_faults_hit_the_chosen_global_batch_in_training_only(batch_fields, facto
     assert torch.equal(x.grad, expected_grad) or (math.isnan(factor) and x.grad.isnan().all())
     with torch.no_grad():  # evaluation
         assert model.loss(x, None).item() == 2.0
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_the_model_forward_reaches_the_wrapped_loss_with_all_its_arguments(per_token):
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                      vocab_size=64, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    inputs, labels = shifted_batch(cfg)
+    clean = model(inputs, labels, per_token=per_token)
+    inject_loss_faults(model, TrainConfig(inject_spike_at_batch=1), 2, lambda: 0)
+    assert torch.equal(model(inputs, labels, per_token=per_token), clean * SPIKE)
 
 
 def test_without_a_fault_nothing_is_wrapped():
