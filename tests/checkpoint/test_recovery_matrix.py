@@ -36,6 +36,10 @@ COMMON = (f"train.max_steps={STEPS}", f"checkpoint.interval={INTERVAL}",
 PATHS = ("(a) stop, resume", "(b) kill a rank", "(c) kill in a save", "(d) NaN rollback",
          "(e) stop file", "(f) other layout")
 SELECTIVE = "parallel.activation_checkpointing=selective"
+# Without dropout: each layout draws its own dropout masks, so another layout's losses differ.
+LORA = ("adapter=lora", "adapter.dropout=0")
+# NF4 quantises in blocks of 64: the tiny model's MLP widened to 6 x 64.
+QLORA = ("adapter=qlora", "adapter.dropout=0", "model.intermediate_size=384")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,11 @@ PLANS = [
     Plan("ep2 (MoE)", 2, ("model=moe_tiny", "parallel.ep=2"), "1 rank, ep1", 1,
          ("model=moe_tiny",), refusal="changing the expert-parallel size is not supported",
          in_ci=True),
+    Plan("LoRA dp2 ZeRO-2", 2, (*LORA, "parallel.zero_stage=2"), "1 rank, ZeRO-1", 1,
+         (*LORA, "parallel.zero_stage=1")),
+    Plan("LoRA tp2", 2, (*LORA, "parallel.tp=2"), "1 rank", 1, LORA),
+    Plan("QLoRA dp2 ZeRO-1", 2, (*QLORA, "parallel.zero_stage=1"), "1 rank, ZeRO-2", 1,
+         (*QLORA, "parallel.zero_stage=2")),
 ]
 
 
