@@ -1,12 +1,14 @@
 """DPO through the real launcher, the tiny model in fp32: two ranks train as one process does
-(fine-tuning all weights at ZeRO-3 and at TP=2 with sequence parallelism, the reference pass
-then also on two ranks; ZeRO-1 with LoRA), and a resumed run continues the uninterrupted one
-bit for bit from the reference log-probs cached beside the pairs, and refuses to go on without
-them.
+(fine-tuning all weights at ZeRO-1, ZeRO-3, TP=2 with sequence parallelism and PP=2, the
+reference pass then also on two ranks; LoRA at ZeRO-1 and PP=2), and a resumed run continues
+the uninterrupted one bit for bit from the reference log-probs cached beside the pairs (also
+through pipeline stages), and refuses to go on without them.
 
 The global batch of 4 pairs is one micro-batch in one process, 2 ranks x 2 accumulated
-micro-batches of 1 pair at ZeRO, and 2 accumulated micro-batches of 2 under TP, so the runs
-agree only if the loss is the mean over the global batch's pairs whatever the split. Adam runs
+micro-batches of 1 pair at ZeRO, 2 accumulated micro-batches of 2 under TP, and 4 micro-batches
+of 1 pair through the 2 pipeline stages (whose last stage computes the loss and sends the
+log-probs to the first, which logs them), so the runs agree only if the loss is the mean over
+the global batch's pairs whatever the split. Adam runs
 at eps 1e-6 and lr 3e-3: a weight whose gradient entries nearly cancel turns their round-off
 into a step of up to the learning rate, which left the ZeRO-3 weights up to 2.3e-5 apart at
 eps 1e-8, lr 3e-3, and 1.2e-5 apart at eps 1e-6, lr 1e-2, after four steps (measured; the
@@ -53,7 +55,9 @@ def dpo(pairs_folder, *overrides):
     return [f"data.pairs={pairs_folder}", "data=pairs", "objective=dpo", "data.seq_len=128",
             "data.val_fraction=0.34", f"train.max_steps={STEPS}", "train.global_batch_size=4",
             "train.eval_batches=1", f"train.eval_interval={STEPS}", "optim.lr=3e-3",
-            "optim.warmup_steps=1", "optim.eps=1e-6", *overrides]
+            "optim.warmup_steps=1", "optim.eps=1e-6",
+            "model.tie_embeddings=false",  # the pipeline's first and last stages differ
+            *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,9 @@ def assert_same_run(run_dir, expected_dir, trained) -> None:
         for step in steps:
             assert abs(values[step] - expected[step]) <= 1e-5 * max(1, abs(expected[step])), (
                 name, step, values[step], expected[step])
-    assert metrics(expected_dir, "loss")[STEPS] < metrics(expected_dir, "loss")[1] - 0.05
+    # The run learns (its second epoch's last batch may swing back above ln 2 at this lr).
+    losses = metrics(expected_dir, "loss")
+    assert min(losses[step] for step in train) < losses[1] - 0.05, losses
     saved, expected = (consolidated_state_dict(find_latest_checkpoint(run / "checkpoints"))
                        for run in (run_dir, expected_dir))
     assert saved.keys() == expected.keys()
@@ -103,26 +109,55 @@ def assert_same_run(run_dir, expected_dir, trained) -> None:
             assert (saved[name] - tensor).abs().max() < 1e-5, name
 
 
-@pytest.mark.parametrize("layout", [
-    ["train.micro_batch_size=1", "parallel.zero_stage=3"],
-    # Megatron's vocabulary-parallel cross-entropy gives the per-token losses.
-    ["train.micro_batch_size=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
-], ids=["zero3", "tp2"])
-def test_fine_tuning_on_two_ranks_matches_one_process(layout, pairs, full_run, tmp_path):
-    """On a copy of the pairs without their cache, so that the two ranks compute the reference
-    too."""
-    own_pairs = tmp_path / "pairs"
-    shutil.copytree(pairs, own_pairs, ignore=shutil.ignore_patterns("reference_logps-*"))
-    stdout = launch("torchrun", tmp_path / "run", *dpo(own_pairs, *layout))
+def without_cache(pairs_folder, folder):
+    """A copy of the pairs without their cache, so that a run computes the reference again."""
+    shutil.copytree(pairs_folder, folder, ignore=shutil.ignore_patterns("reference_logps-*"))
+    return folder
+
+
+def assert_computes_the_same_reference(own_pairs, pairs, stdout) -> None:
     assert "reference log-probs of 12 pairs computed" in stdout
     torch.testing.assert_close(reference_cache(own_pairs), reference_cache(pairs),
                                rtol=1e-6, atol=1e-5)
+
+
+PIPELINE = ["train.micro_batch_size=1", "parallel.pp=2"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["train.micro_batch_size=1"],
+    ["train.micro_batch_size=1", "parallel.zero_stage=3"],
+    # Megatron's vocabulary-parallel cross-entropy gives the per-token losses.
+    ["train.micro_batch_size=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+], ids=["zero1", "zero3", "tp2"])
+def test_fine_tuning_on_two_ranks_matches_one_process(layout, pairs, full_run, tmp_path):
+    own_pairs = without_cache(pairs, tmp_path / "pairs")
+    stdout = launch("torchrun", tmp_path / "run", *dpo(own_pairs, *layout))
+    assert_computes_the_same_reference(own_pairs, pairs, stdout)
     assert_same_run(tmp_path / "run", full_run, trained=lambda name: True)
 
 
-def test_zero1_lora_on_two_ranks_matches_one_process(pairs, lora_run, tmp_path):
-    launch("torchrun", tmp_path, *dpo(pairs, "train.micro_batch_size=1", "adapter=lora",
-                                      "adapter.dropout=0"))
+@pytest.fixture(scope="module")
+def pipeline_run(pairs, tmp_path_factory):
+    """Two pipeline stages, all weights trained, on pairs without a cache: the stages compute
+    the reference too; saving at step 2 for the resume."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    own_pairs = without_cache(pairs, folder / "pairs")
+    stdout = launch("torchrun", folder / "run", *dpo(own_pairs, *PIPELINE, "checkpoint.interval=2"))
+    return own_pairs, folder / "run", stdout
+
+
+def test_fine_tuning_through_pipeline_stages_matches_one_process(pairs, full_run, pipeline_run):
+    own_pairs, run_dir, stdout = pipeline_run
+    assert_computes_the_same_reference(own_pairs, pairs, stdout)
+    assert_same_run(run_dir, full_run, trained=lambda name: True)
+
+
+@pytest.mark.parametrize("layout", [["train.micro_batch_size=1"], PIPELINE],
+                         ids=["zero1", "pp2"])
+def test_lora_on_two_ranks_matches_one_process(layout, pairs, lora_run, tmp_path):
+    """The pipeline's reference is its own forward with the adapters off on every stage."""
+    launch("torchrun", tmp_path, *dpo(pairs, *layout, "adapter=lora", "adapter.dropout=0"))
     assert_same_run(tmp_path, lora_run, trained=is_adapter)
 
 
@@ -144,3 +179,14 @@ def test_a_resume_equals_the_uninterrupted_run_and_needs_its_reference(pairs, fu
         cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"reference log-probs are gone (no {moved}/reference_logps-" in result.stderr
+
+
+def test_a_resume_through_pipeline_stages_equals_the_uninterrupted_run(pipeline_run, tmp_path):
+    own_pairs, run_dir, _ = pipeline_run
+    step_2 = run_dir / "checkpoints" / "step_00000002"
+    stdout = launch("torchrun", tmp_path, *dpo(own_pairs, *PIPELINE, f"train.resume={step_2}"))
+    assert "resuming from" in stdout and "reference log-probs from" in stdout
+    assert sorted(metrics(tmp_path, "loss")) == [3, 4]
+    for name in ("loss", "rewards/chosen", "logps/rejected", "val_rewards/accuracies"):
+        resumed, expected = metrics(tmp_path, name), metrics(run_dir, name)
+        assert resumed == {step: expected[step] for step in resumed if step > 2}, name
