@@ -58,9 +58,6 @@ def pairs_folder_rules(folder: str) -> List[str]:
 
 def unsupported_layout_rules(cfg: LLMScaleConfig) -> List[str]:
     errors = []
-    if cfg.parallel.pp > 1:
-        errors.append(f"objective=dpo with parallel.pp={cfg.parallel.pp}: the preference loss "
-                      "is not wired into the pipeline's last stage yet; set parallel.pp=1")
     if cfg.train.fused_loss:
         errors.append("objective=dpo with train.fused_loss=true: the fused loss returns a "
                       "batch's summed loss, and DPO needs each sequence's own; set "

@@ -1,17 +1,19 @@
 """Pipeline parallelism: a built `Llama` cut into DeepSpeed `PipelineModule` stages.
 
 The layer list is the model's own pieces, in order: the embedding, one entry per decoder layer,
-then the final norm with the output layer; the loss is the model's. DeepSpeed balances the
-decoder layers over the stages (the embedding joins the first, the head the last) and runs
-1F1B. With document attention the embedding stage also computes the tokens' positions within
-their documents, and they travel beside the activations (an integer tensor, which gets no
-gradient), since later stages do not see the input ids. Stage parameters are named
-`<index>.<piece>.<name>`; `canonical_name` gives back the Hugging Face name, which checkpoint
-conversion and export use.
+then the final norm with the output layer. DeepSpeed balances the decoder layers over the stages
+(the embedding joins the first, the head the last) and runs 1F1B. The last stage's loss
+(`LastStageLoss`) is the model's, or, while a step runs an objective made of per-token losses
+(DPO's pairs), that objective's. With document attention the embedding stage also computes the
+tokens' positions within their documents, and they travel beside the activations (an integer
+tensor, which gets no gradient), since later stages do not see the input ids. Stage parameters
+are named `<index>.<piece>.<name>`; `canonical_name` gives back the Hugging Face name, which
+checkpoint conversion and export use.
 """
 
 import re
-from typing import List, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -91,16 +93,50 @@ def build_pipeline(model: Llama, stages: List[nn.Module], plan: ParallelPlan) ->
     return PipelineModule(
         layers=stages,
         topology=PipeModelDataParallelTopology(num_pp=plan.pp, num_mp=plan.tp, num_dp=plan.dp),
-        # Looked up at each call, so that a loss wrapped after the build (fault injection) counts.
-        loss_fn=lambda hidden, labels: model.loss(hidden, *as_loss_arguments(labels)),
+        loss_fn=LastStageLoss(model),
         partition_method=f"type:{DecoderStage.__name__}",
     )
+
+
+# An objective of the last stage: (per-token losses [S, B], labels [B, S], what else the
+# pipeline's labels carry) -> the micro-batch's loss.
+TokenLossObjective = Callable[..., torch.Tensor]
+
+
+class LastStageLoss:
+    """The pipeline's `loss_fn`: the model's loss of the last stage's output, or, while
+    `token_loss_objective` sets one, an objective of its per-token losses."""
+
+    def __init__(self, model: Llama) -> None:
+        self.model = model
+        self.objective: Optional[TokenLossObjective] = None
+
+    def __call__(self, hidden: torch.Tensor, labels: Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+                 ) -> torch.Tensor:
+        # `model.loss` is looked up at each call, so that a loss wrapped after the build (fault
+        # injection) counts.
+        if self.objective is None:
+            return self.model.loss(hidden, *as_loss_arguments(labels))
+        labels, *carried = as_loss_arguments(labels)
+        return self.objective(self.model.loss(hidden, labels, per_token=True), labels, *carried)
+
+
+@contextmanager
+def token_loss_objective(module: PipelineModule, objective: TokenLossObjective) -> Iterator[None]:
+    """The last stage computes `objective` instead of the model's loss while inside."""
+    loss = module.loss_fn
+    loss.objective = objective
+    try:
+        yield
+    finally:
+        loss.objective = None
 
 
 def as_loss_arguments(labels: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
                       ) -> Tuple[torch.Tensor, ...]:
     """The pipeline's labels are the labels, or (labels, the loss's denominator) when the step
-    weighs the targets of its whole batch alike (llmscale.train.step)."""
+    weighs the targets of its whole batch alike (llmscale.train.step), or (labels, what an
+    objective needs beside them) under `token_loss_objective`."""
     return (labels,) if isinstance(labels, torch.Tensor) else tuple(labels)
 
 

@@ -1,7 +1,7 @@
 """The reference model's log-probs of every preference pair for fine-tuning all weights, computed
 once and cached beside the data, so that DPO needs no second model resident. (An adapter run
 needs no cache: its reference is its frozen base, a forward with the adapters off,
-`llmscale.objectives.preference_batch.base_logps`.)
+`llmscale.parallel.pair_forward.with_base_reference`.)
 
 DPO compares the policy's response log-probs with those of the model it started from. Before
 its first step a fresh run computes them in one pass over every pair (training and held out)
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -37,7 +36,7 @@ from llmscale.config.plan import ParallelPlan
 from llmscale.config.schema import LLMScaleConfig
 from llmscale.data.chat_samples import prepared_folder
 from llmscale.data.preference_pairs import PreferencePairs
-from llmscale.objectives.preference_batch import pair_logps
+from llmscale.parallel.pair_forward import forward_pairs
 from llmscale.parallel.token_mean import all_reduce_data_parallel
 
 
@@ -91,18 +90,16 @@ def reference_logps(engine, cfg: LLMScaleConfig, root: Path, splits: Sequence[Pr
     return table
 
 
-@torch.no_grad()
 def compute_reference_logps(engine, splits: Sequence[PreferencePairs], plan: ParallelPlan,
                             dp_rank: int, device: torch.device) -> torch.Tensor:
     """Each data-parallel rank runs its share of micro-batches over every split, all ranks the
-    same number of forwards (ZeRO-3 gathers weights in step): a rank short of pairs at the end
-    runs a split's first pair again and drops its result. Each pair is written by one rank, so
-    the all-reduced sum is the table."""
+    same number (ZeRO-3 gathers weights in step; a pipeline's stages run them together): a rank
+    short of pairs at the end runs a split's first pair again and drops its result. Each pair is
+    written by one rank, so the all-reduced sum is the table (on every pipeline stage)."""
     count = sum(len(split) for split in splits)
     table = torch.zeros(count, 2, dtype=torch.float32, device=device)
-    forward = partial(engine, per_token=True)
     per_round = plan.micro_batch_size * plan.dp
-    engine.eval()
+    batches, places = [], []
     for split in splits:
         for first in range(0, len(split), per_round):
             mine = [first + dp_rank * plan.micro_batch_size + j
@@ -110,7 +107,8 @@ def compute_reference_logps(engine, splits: Sequence[PreferencePairs], plan: Par
             kept = torch.tensor([index < len(split) for index in mine])
             samples = [split[index if index < len(split) else first] for index in mine]
             inputs, labels, pairs = (torch.stack(part) for part in zip(*samples))
-            logps, _ = pair_logps(forward, inputs.to(device), labels.to(device))
-            table[pairs[kept].to(device)] = logps[kept.to(device)].float()
-    engine.train()
+            batches.append((inputs, labels, None))
+            places.append((pairs[kept].to(device), kept.to(device)))
+    for (logps, _), (pairs, kept) in zip(forward_pairs(engine, batches, device), places):
+        table[pairs] = logps[kept].float()
     return all_reduce_data_parallel(table)

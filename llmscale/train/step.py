@@ -34,7 +34,7 @@ def train_step(engine, batches: List[Batch], device: torch.device, check_loss: L
     if isinstance(engine, PipelineEngine):
         if denominator is not None:
             batches = with_denominator(batches, denominator)
-        return _pipeline_train_step(engine, batches, check_loss)
+        return pipeline_train_step(engine, batches, check_loss)
     extra = () if denominator is None else (denominator,)
     losses = []
     for micro_batch, (inputs, labels) in enumerate(batches, start=1):
@@ -59,7 +59,7 @@ def update_unless_anomalous(engine, losses: List[torch.Tensor], check_loss: Loss
     return loss, anomaly
 
 
-def _pipeline_train_step(engine: PipelineEngine, batches: List[Batch],
+def pipeline_train_step(engine: PipelineEngine, batches: List[Batch],
                          check_loss: LossCheck) -> Tuple[float, Optional[Anomaly]]:
     """DeepSpeed's 1F1B schedule ends in an optimizer-step instruction; the loss is checked
     there, once every micro-batch has run, so that the update can still be withheld."""

@@ -117,7 +117,7 @@ def pretrain(cfg: LLMScaleConfig) -> RunSummary:
     state = checkpointer.load(engine, resume_source) if resume_source else TrainState()
     preference = cfg.objective is Objective.dpo
     # An adapter run's reference is its frozen base, a forward with the adapters off at each
-    # micro-batch; a full fine-tuning run's, its initial weights' log-probs, cached once.
+    # step; a full fine-tuning run's, its initial weights' log-probs, cached once.
     adapter_model = engine.module if reference_from_base(cfg) else None
     reference = None
     if preference and cfg.dpo.loss is not DPOLoss.simpo and adapter_model is None:

@@ -46,9 +46,19 @@ def test_pairs_are_refused_for_other_objectives_and_beside_other_data(tmp_path):
 
 
 def test_the_paths_dpo_does_not_run_on_are_refused(tmp_path):
-    message = config_error([*DPO, pairs_folder(tmp_path), "parallel.pp=2",
-                            "train.fused_loss=true", "model.num_experts=2"], 2)
-    for named in ("objective=dpo with parallel.pp=2", "objective=dpo with train.fused_loss=true",
+    message = config_error([*DPO, pairs_folder(tmp_path), "train.fused_loss=true",
+                            "model.num_experts=2"], 2)
+    for named in ("objective=dpo with train.fused_loss=true",
                   "objective=dpo with model.num_experts=2"):
         assert named in message, message
-    validate(load_config(["+exp=tiny", *DPO, pairs_folder(tmp_path), "parallel.tp=2"]), 2)
+    assert "objective=dpo with parallel" not in message, message
+
+
+def test_dpo_validates_with_tensor_and_pipeline_parallelism(tmp_path):
+    """Pipeline stages with or without LoRA (QLoRA's refusal of stages is the adapter's)."""
+    folder = pairs_folder(tmp_path)
+    validate(load_config(["+exp=tiny", *DPO, folder, "parallel.tp=2"]), 2)
+    for adapter in ("adapter=none", "adapter=lora"):
+        plan = validate(load_config(["+exp=tiny", *DPO, folder, "parallel.pp=2",
+                                     "model.tie_embeddings=false", adapter]), 2)
+        assert plan.pp == 2

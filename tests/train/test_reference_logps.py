@@ -20,7 +20,7 @@ from llmscale.data.build import resolve_vocab_size
 from llmscale.data.preference_pairs import build_pair_datasets
 from llmscale.models import Llama
 from llmscale.models.fused_loss import IGNORE_INDEX
-from llmscale.objectives.preference_batch import micro_batch_preference, with_reference
+from llmscale.objectives.preference_batch import pair_logps, pair_preference, with_reference
 from llmscale.prep.chat import find_chat_template
 from llmscale.prep.preference_dataset import write_preference_dataset
 from llmscale.train.reference_logps import reference_cache_path, reference_logps
@@ -72,8 +72,8 @@ def test_the_reference_is_each_responses_log_prob_and_step_zero_dpo_is_ln_2(run)
     batches = rank_micro_batches(train, GlobalSampleOrder(len(train), 1), 0, 4, 1, 0, 1)
     (inputs, labels, expected), = with_reference(batches, table)
     model.train()
-    result = micro_batch_preference(partial(model, per_token=True), cfg.dpo, inputs, labels,
-                                    expected)
+    result = pair_preference(cfg.dpo, pair_logps(partial(model, per_token=True), inputs, labels),
+                             expected)
     torch.testing.assert_close(result.losses, torch.full((4,), math.log(2)), atol=1e-6, rtol=0)
     assert result.metrics()["rewards/margins"].abs() < 1e-5
 
